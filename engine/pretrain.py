@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
+import os
 import shutil
 import time
 import tomllib
@@ -29,7 +32,8 @@ from engine import modelzoo, synthetic
 from engine.captions import PLAIN_SHARE, ZERO_SHOT_TEMPLATE, caption, class_prompts
 
 RESUME_DIR = "resume"  # a sub-folder: open_clip's local-dir loader only looks at the top level
-RESUME_FILE = "state.pt"
+RESUME_FILE = "state.json"  # written last: it names (and hashes) the tensors file that goes with it
+LEGACY_RESUME_FILE = "state.pt"  # the old pickled format: never loaded (unpickling can run any code)
 
 
 class PretrainPresetError(ValueError):
@@ -406,24 +410,199 @@ def build_model(config: PretrainConfig):
     return model, tokenizer
 
 
+# --- resume state ----------------------------------------------------------------------------------------
+#
+# No pickle: tensors (model weights, optimiser moments) go to a safetensors file, everything else
+# (position, history, config, optimiser hyper-parameters, torch's RNG state) to JSON. The tensors file is
+# named after its own SHA-256 and the JSON, written last, names and hashes it; each file is written to a
+# temporary file in the same folder, fsynced and renamed into place. A crash at any point therefore
+# leaves either the previous whole state or the new whole state, never a mix of the two.
+
+STATE_FORMAT = 1
+_TENSORS_PREFIX = "state-"
+_TENSORS_SUFFIX = ".safetensors"
+_MODEL_KEY = "model."
+_OPTIM_KEY = "optimizer.state."
+
+
+class ResumeStateError(RuntimeError):
+    """A resume state that will not be loaded: an old pickled one, or one that is damaged or incomplete."""
+
+
 def _resume_path(out_dir: Path) -> Path:
     return out_dir / RESUME_DIR / RESUME_FILE
 
 
+def _legacy_resume_path(out_dir: Path) -> Path:
+    return out_dir / RESUME_DIR / LEGACY_RESUME_FILE
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _json_value(value: Any, what: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, what) for v in value]
+    raise TypeError(f"{what}: {type(value).__name__} cannot be saved in a resume state without pickle")
+
+
+def _state_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict, list]:
+    """(named tensors, non-tensor optimiser state, param_groups without "params") of model + optimiser."""
+    tensors = {_MODEL_KEY + name: value.detach().to("cpu").contiguous().clone() for name, value in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in optim["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{_OPTIM_KEY}{int(index)}.{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(int(index)), {})[key] = _json_value(value, f"optimizer state {index}.{key}")
+    groups = [
+        {k: _json_value(v, f"optimizer param_groups[{i}].{k}") for k, v in group.items() if k != "params"}
+        | {"params": [int(p) for p in group["params"]]}
+        for i, group in enumerate(optim["param_groups"])
+    ]
+    return tensors, scalars, groups
+
+
 def _save_state(out_dir: Path, model, optimizer, epoch: int, step: int, history: list, config: PretrainConfig) -> None:
-    path = _resume_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save as save_tensors
+
+    folder = out_dir / RESUME_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, scalars, groups = _state_tensors(model, optimizer)
+    blob = save_tensors(tensors, metadata={"format": f"fedtui-pretrain-resume/{STATE_FORMAT}"})
+    digest = hashlib.sha256(blob).hexdigest()
+    tensors_name = f"{_TENSORS_PREFIX}{digest[:16]}{_TENSORS_SUFFIX}"
+    _write_atomic(folder / tensors_name, blob)
     state = {
+        "format": STATE_FORMAT,
         "epoch": epoch,  # 0-based epoch to continue in
         "step": step,  # 0-based step within it
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "tensors": tensors_name,
+        "sha256": digest,
+        "optimizer": {"param_groups": groups, "state": scalars},
+        "torch_rng": [int(b) for b in torch.get_rng_state().tolist()],
         "history": history,
         "config": dataclasses.asdict(config),
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    _write_atomic(folder / RESUME_FILE, json.dumps(state).encode())
+    # Only now is the new state whole: drop older tensors files, stray temporaries and an old pickle.
+    for stale in folder.iterdir():
+        if stale.name in (RESUME_FILE, tensors_name):
+            continue
+        if stale.name == LEGACY_RESUME_FILE or stale.name.endswith(".tmp") or (
+            stale.name.startswith(_TENSORS_PREFIX) and stale.name.endswith(_TENSORS_SUFFIX)
+        ):
+            stale.unlink(missing_ok=True)
+
+
+def _load_state(out_dir: Path, model, optimizer, config: PretrainConfig) -> dict:
+    """Load the resume state in ``out_dir`` into ``model`` and ``optimizer``; returns its JSON part.
+
+    Nothing here unpickles: the JSON is parsed as data and the tensors come from safetensors, whose
+    header is JSON too. A state from another preset is a ``PretrainPresetError``; anything else
+    unexpected is a ``ResumeStateError`` naming the folder.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    path = _resume_path(out_dir)
+    folder = path.parent
+
+    def bad(message: str) -> ResumeStateError:
+        return ResumeStateError(
+            f"the resume state in {folder} {message}; delete {folder} to start over, or run without --resume"
+        )
+
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise bad(f"cannot be read ({RESUME_FILE}: {error})") from None
+    try:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise bad(f"has an unknown format ({RESUME_FILE} format {state.get('format') if isinstance(state, dict) else None!r})")
+        ours = json.loads(json.dumps(dataclasses.asdict(config)))  # as it reads back from JSON
+        if not isinstance(state["config"], dict) or _comparable(state["config"]) != _comparable(ours):
+            raise PretrainPresetError(config.source, None, f"the resume state in {out_dir} was made by a different preset")
+        epoch, step = state["epoch"], state["step"]
+        if not (
+            type(epoch) is int and type(step) is int and 0 <= epoch <= config.optim.epochs
+            and 0 <= step < config.steps_per_epoch and isinstance(state["history"], list)
+            and len(state["history"]) == epoch  # one record per finished epoch
+            and all(isinstance(h, dict) and isinstance(h.get("zero_shot"), dict) for h in state["history"])
+        ):
+            raise bad("holds a malformed position or history")
+        name = state["tensors"]
+        if not (isinstance(name, str) and name == Path(name).name and name.startswith(_TENSORS_PREFIX) and name.endswith(_TENSORS_SUFFIX)):
+            raise bad(f"names an unexpected tensors file {name!r}")
+        try:
+            blob = (folder / name).read_bytes()
+        except OSError:
+            raise bad(f"is incomplete: {name} is missing") from None
+        if hashlib.sha256(blob).hexdigest() != state["sha256"]:
+            raise bad(f"is damaged: {name} does not match the hash in {RESUME_FILE}")
+        try:
+            tensors = load_tensors(blob)
+        except SafetensorError as error:
+            raise bad(f"is malformed: {name} is not a safetensors file ({error})") from None
+
+        weights = {k[len(_MODEL_KEY) :]: v for k, v in tensors.items() if k.startswith(_MODEL_KEY)}
+        optim_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith(_OPTIM_KEY):
+                index, _, field_name = key[len(_OPTIM_KEY) :].partition(".")
+                optim_state.setdefault(int(index), {})[field_name] = value
+            elif not key.startswith(_MODEL_KEY):
+                raise bad(f"holds an unexpected tensor {key!r}")
+        saved = state["optimizer"]
+        for index, entry in saved["state"].items():
+            optim_state.setdefault(int(index), {}).update(entry)
+        current = optimizer.state_dict()["param_groups"]
+        if len(saved["param_groups"]) != len(current):
+            raise bad("has a different number of optimiser parameter groups")
+        groups = []
+        for group, fresh in zip(saved["param_groups"], current):
+            # JSON has no tuples: give back the types the optimiser used (AdamW's betas).
+            groups.append({k: tuple(v) if isinstance(fresh.get(k), tuple) and isinstance(v, list) else v for k, v in group.items()})
+        rng = state["torch_rng"]
+        if not (isinstance(rng, list) and all(isinstance(b, int) and 0 <= b < 256 for b in rng)):
+            raise bad("holds a malformed RNG state")
+
+        model.load_state_dict(weights)
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        torch.set_rng_state(torch.tensor(rng, dtype=torch.uint8))
+        return state
+    except (ResumeStateError, PretrainPresetError):
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        raise bad(f"is malformed or does not fit this model ({type(error).__name__}: {error})") from None
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -469,12 +648,16 @@ def pretrain(config: PretrainConfig, sink: PretrainSink, control=None, *, out_di
     model, tokenizer = build_model(config)
     optimizer = _optimizer(model, config)
     start_epoch, start_step, history = 0, 0, []
+    if resume and _legacy_resume_path(out).is_file():
+        # Refused, not loaded and not silently replaced: unpickling it could run any code, and starting
+        # over would throw away the position it records.
+        raise ResumeStateError(
+            f"{_legacy_resume_path(out)} is a resume state in the old pickled format, which fedtui no longer "
+            f"loads (unpickling a file can run arbitrary code); delete {out / RESUME_DIR} to start over, "
+            f"or run without --resume"
+        )
     if resume and _resume_path(out).is_file():
-        state = torch.load(_resume_path(out), map_location="cpu", weights_only=False)
-        if _comparable(state["config"]) != _comparable(dataclasses.asdict(config)):
-            raise PretrainPresetError(config.source, None, f"the resume state in {out} was made by a different preset")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = _load_state(out, model, optimizer, config)
         start_epoch, start_step, history = state["epoch"], state["step"], state["history"]
 
     epochs, steps = config.optim.epochs, config.steps_per_epoch

@@ -11,6 +11,7 @@ import threading
 import traceback
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedtui.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
@@ -70,7 +71,7 @@ class _Reporter:
 
 
 def pretrain_command(preset_path: str, out: str | None, resume: bool) -> int:
-    from engine.pretrain import PretrainPresetError, load_preset, pretrain
+    from engine.pretrain import PretrainPresetError, ResumeStateError, load_preset, pretrain
 
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -94,6 +95,9 @@ def pretrain_command(preset_path: str, out: str | None, resume: bool) -> int:
             pretrain(config, reporter, stop, out_dir=out, resume=resume)
     except PretrainPresetError as error:
         err.print(f"[bold red]error:[/] {error}")
+        return EXIT_BAD_INPUT
+    except ResumeStateError as error:  # an old pickled or damaged resume state: refused before training
+        err.print(f"[bold red]error:[/] {escape(str(error))}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         err.print("[red]aborted[/]")

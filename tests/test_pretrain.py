@@ -196,3 +196,169 @@ def test_shipped_checkpoint_meets_the_issue_target():
     _, measured = _shipped_zero_shot()
     common = sum(measured[d] for d in synthetic.COMMON_DOMAINS) / len(synthetic.COMMON_DOMAINS)
     assert common >= 0.60 and measured[synthetic.SHIFTED_DOMAIN] < common - 0.1
+
+
+# --- the resume state holds no pickle ---------------------------------------------------------------------
+
+
+def _stopped_after_third_step(config, out):
+    stop = threading.Event()
+
+    def stop_after_third_step(event):
+        if isinstance(event, PretrainStep) and event.global_step == 3:
+            stop.set()
+
+    events = _run(config, out, stop, on_event=stop_after_third_step)
+    assert events[-1].status == "stopped"
+
+
+def test_the_resume_state_is_safetensors_plus_json(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.pretrain import LEGACY_RESUME_FILE, RESUME_DIR, RESUME_FILE
+
+    config = config_from_dict({**TINY, "optim": {**TINY["optim"], "epochs": 2}})
+    folder = tmp_path / "clip" / RESUME_DIR
+    folder.mkdir(parents=True)
+    (folder / LEGACY_RESUME_FILE).write_bytes(b"old")  # a fresh (non-resume) run replaces an old state
+    _stopped_after_third_step(config, tmp_path / "clip")
+
+    state = json.loads((folder / RESUME_FILE).read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted([RESUME_FILE, state["tensors"]])
+    assert (state["epoch"], state["step"]) == (1, 1)
+    assert [g["betas"] for g in state["optimizer"]["param_groups"]] == [[0.9, 0.98]] * 2
+    assert all(0 <= b < 256 for b in state["torch_rng"])
+    tensors = load_file(folder / state["tensors"])
+    assert any(k.startswith("model.") for k in tensors)
+    assert {k.rsplit(".", 1)[1] for k in tensors if k.startswith("optimizer.state.")} == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def _pickle_that_touches(marker: Path) -> bytes:
+    """A torch.save file that creates ``marker`` the moment anything unpickles it."""
+    import io
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "payload": Exploit()}, buffer)
+    return buffer.getvalue()
+
+
+def test_an_old_pickled_state_is_refused_and_never_unpickled(tmp_path, capsys):
+    from engine.pretrain import LEGACY_RESUME_FILE, RESUME_DIR, ResumeStateError
+    from fedtui.exit_codes import EXIT_BAD_INPUT
+    from fedtui.pretrain_cli import pretrain_command
+
+    marker = tmp_path / "pwned"
+    out = tmp_path / "clip"
+    (out / RESUME_DIR).mkdir(parents=True)
+    legacy = out / RESUME_DIR / LEGACY_RESUME_FILE
+    legacy.write_bytes(_pickle_that_touches(marker))
+
+    with pytest.raises(ResumeStateError, match="old pickled format"):
+        _run(config_from_dict(TINY), out, resume=True)
+    assert not marker.exists()
+
+    preset = tmp_path / "tiny.toml"
+    preset.write_text('[run]\nseed = 3\nthreads = 2\n[corpus]\nimages = 64\n[optim]\nepochs = 1\nbatch_size = 32\n')
+    assert pretrain_command(str(preset), str(out), resume=True) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "old pickled format" in err and "delete" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert legacy.is_file() and not (out / modelzoo.WEIGHTS_FILE).exists()  # refused before writing anything
+
+    # The control: the file is a real exploit, so the refusal above is what kept the marker away.
+    torch.load(legacy, weights_only=False)
+    assert marker.exists()
+
+
+def _corrupt_hash(folder, state):
+    path = folder / state["tensors"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _pickle_as_tensors(folder, state):
+    import hashlib
+
+    data = _pickle_that_touches(folder.parent.parent / "pwned")
+    (folder / state["tensors"]).write_bytes(data)
+    state["sha256"] = hashlib.sha256(data).hexdigest()
+
+
+def _wrong_shapes(folder, state):
+    import hashlib
+
+    from safetensors.torch import load_file, save
+
+    tensors = {k: v[..., :1].clone() if v.ndim else v for k, v in load_file(folder / state["tensors"]).items()}
+    data = save(tensors)
+    (folder / state["tensors"]).write_bytes(data)
+    state["sha256"] = hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_corrupt_hash, "damaged"),
+        (_pickle_as_tensors, "malformed"),
+        (_wrong_shapes, "does not fit"),
+        (lambda folder, state: (folder / state["tensors"]).unlink(), "incomplete"),
+        (lambda folder, state: state.update(tensors="../../evil.safetensors"), "unexpected tensors file"),
+        (lambda folder, state: state.update(step=10**6), "malformed position"),
+        (lambda folder, state: state.update(torch_rng=[256, -1]), "malformed RNG"),
+        (lambda folder, state: state.update(format=0), "unknown format"),
+        (lambda folder, state: state.pop("optimizer"), "malformed"),
+    ],
+)
+def test_a_crafted_or_damaged_state_is_refused_cleanly(tmp_path, damage, message):
+    from engine.pretrain import RESUME_DIR, RESUME_FILE, ResumeStateError
+
+    config = config_from_dict(TINY)
+    out = tmp_path / "clip"
+    stop = threading.Event()
+    stop.set()
+    _run(config, out, stop)
+    folder = out / RESUME_DIR
+    state = json.loads((folder / RESUME_FILE).read_text())
+    damage(folder, state)
+    (folder / RESUME_FILE).write_text(json.dumps(state))
+
+    with pytest.raises(ResumeStateError, match=message) as info:
+        _run(config, out, resume=True)
+    assert str(folder) in str(info.value) and "--resume" in str(info.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_save_cut_short_leaves_the_previous_state_whole(tmp_path, monkeypatch):
+    import engine.pretrain as p
+
+    config = config_from_dict({**TINY, "optim": {**TINY["optim"], "epochs": 2}})
+    _run(config, tmp_path / "straight")
+    _stopped_after_third_step(config, tmp_path / "stopped")
+
+    # The next save dies after its tensors file is in place but before the JSON that names it.
+    write_atomic = p._write_atomic
+
+    def crash_on_json(path, data):
+        if path.name == p.RESUME_FILE:
+            raise OSError("disk pulled")
+        write_atomic(path, data)
+
+    monkeypatch.setattr(p, "_write_atomic", crash_on_json)
+    with pytest.raises(OSError, match="disk pulled"):
+        _run(config, tmp_path / "stopped", resume=True)
+    monkeypatch.setattr(p, "_write_atomic", write_atomic)
+
+    events = _run(config, tmp_path / "stopped", resume=True)
+    assert events[0].start_epoch == 2 and events[0].start_step == 1  # the old position, not a mix
+    assert events[-1].status == "completed"
+
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / modelzoo.WEIGHTS_FILE)
+    resumed = load_file(tmp_path / "stopped" / modelzoo.WEIGHTS_FILE)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
