@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.presets import Preset, PresetError
+from engine.presets import Preset
 
 
 @dataclass
@@ -89,7 +89,7 @@ def load_backbone(preset: Preset, device: torch.device) -> Backbone:
         weights_arg = None  # open_clip reads config and weights from the folder
     else:
         if arch not in open_clip.list_models():
-            raise PresetError(preset.source, "model.arch", f"unknown open_clip architecture {arch!r}")
+            raise ValueError(f"model.arch: unknown open_clip architecture {arch!r}")  # resolve() checks first
         model_name = arch
         weights_arg = None if pretrained in ("", "none") else pretrained
         path = Path(pretrained).expanduser()
@@ -97,9 +97,7 @@ def load_backbone(preset: Preset, device: torch.device) -> Backbone:
             weights_arg = str(path)
         elif weights_arg and weights_arg not in open_clip.list_pretrained_tags_by_model(arch):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none for this arch"
-            raise PresetError(
-                preset.source, "model.pretrained", f"unknown tag {weights_arg!r} for {arch}; tags: {tags}"
-            )
+            raise ValueError(f"model.pretrained: unknown tag {weights_arg!r} for {arch}; tags: {tags}")
     # Random weights must still be the same run to run.
     torch.manual_seed(preset.run.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights_arg, device="cpu")

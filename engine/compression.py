@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from engine.options.codecs import CODECS as CODEC_OPTIONS
 from engine.registry import Registry
 
 State = dict[str, torch.Tensor]
@@ -61,12 +62,9 @@ class Codec:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, config: Any = None):
-        if config is None:  # the preset's defaults, so every knob has exactly one default value
-            from engine.presets import FederationSection
-
-            config = FederationSection()
-        self.config = config
+    def __init__(self, options: Any = None):
+        # The codec's own keys (engine/options/codecs.py); their defaults live only there.
+        self.options = options if options is not None else CODEC_OPTIONS.options_for(self.name)()
 
     def encode(self, client: str, delta: State) -> bytes:
         return serialize(delta)
@@ -167,17 +165,17 @@ class TopK(Codec):
 
     name = "topk"
 
-    def __init__(self, config: Any = None):
-        super().__init__(config)
+    def __init__(self, options: Any = None):
+        super().__init__(options)
         self.residuals: dict[str, State] = {}  # client -> tensor name -> e_k
 
     @property
     def fraction(self) -> float:
-        return float(self.config.topk_fraction)
+        return float(self.options.topk_fraction)
 
     @property
     def error_feedback(self) -> bool:
-        return bool(self.config.topk_error_feedback)
+        return bool(self.options.topk_error_feedback)
 
     def kept_count(self, numel: int) -> int:
         """k = ceil(fraction * numel), at least 1 for a non-empty tensor, at most numel."""
@@ -222,5 +220,5 @@ class TopK(Codec):
         self.residuals.pop(client, None)
 
 
-def build_codec(name: str, config: Any = None) -> Codec:
-    return CODECS.build(name, config)
+def build_codec(name: str, options: Any = None) -> Codec:
+    return CODECS.build(name, options)

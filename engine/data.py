@@ -3,7 +3,7 @@
 A source lists ``ImageRef``s (domain, class, where the pixels come from); the feature step turns each
 ref into one frozen feature vector; this module then decides which rows every client trains,
 validates and tests on. Splits follow FedCLIP's reference: per domain (or per client), shuffle with the
-seed and cut contiguously at 60% / 80%.
+seed and cut contiguously into int(0.6n), int(0.2n) and int(0.2n) rows.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.presets import Preset, PresetError
+from engine.presets import Preset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -84,13 +84,13 @@ class ImageFolderSource(ImageSource):
 
     name = "imagefolder"
 
-    def __init__(self, root: str | Path, domains: list[str], source: str = "<preset>"):
+    def __init__(self, root: str | Path, domains: list[str]):
         self.root = Path(root).expanduser()
         self.domains = list(domains)
         class_sets = {d: sorted(p.name for p in (self.root / d).iterdir() if p.is_dir()) for d in domains}
         self.classes = sorted(set().union(*class_sets.values()))
-        if not self.classes:
-            raise PresetError(source, "data.root", f"no class folders under {str(self.root)!r}/<domain>/")
+        if not self.classes:  # resolve() reports this before a run; a folder emptied since then lands here
+            raise ValueError(f"no class folders under {str(self.root)!r}/<domain>/")
 
     def refs(self, domain: str) -> list[ImageRef]:
         refs = []
@@ -115,10 +115,9 @@ def build_source(preset: Preset) -> ImageSource:
     data = preset.data
     if data.dataset == "synthetic":
         return SyntheticSource(data.images_per_class, data.image_size, seed=0)
-    from engine.presets import available_domains
-
-    domains = data.domains or available_domains(preset)
-    return ImageFolderSource(data.root, domains, preset.source)
+    root = Path(data.root).expanduser()
+    domains = data.domains or sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return ImageFolderSource(root, domains)
 
 
 def class_prompts(classes: list[str], template: str) -> list[str]:
@@ -139,14 +138,21 @@ class ClientSplit:
     class_histogram: list[int] = field(default_factory=list)
 
 
+def split_sizes(n: int, fractions: list[float]) -> tuple[int, int, int]:
+    """FedCLIP's reference sizes: int(n f) for each part separately; the few rows left over are unused."""
+    return int(n * fractions[0]), int(n * fractions[1]), int(n * fractions[2])
+
+
 def split_indices(indices: np.ndarray, fractions: list[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FedCLIP's split: shuffle with the seed (np.random.seed + shuffle), cut contiguously."""
+    """FedCLIP's split: shuffle with the seed (np.random.seed + shuffle), cut at int(0.6n), +int(0.2n), +int(0.2n).
+
+    As in the reference (PersonalizedFL fedclip datautil), when 0.6n or 0.2n is not whole the remainder
+    rows belong to no split; e.g. 2,048 art_painting images give 1,228 / 409 / 409.
+    """
     order = np.array(indices, copy=True)
     np.random.RandomState(seed).shuffle(order)
-    n = len(order)
-    cut_train = int(n * fractions[0])
-    cut_val = int(n * (fractions[0] + fractions[1]))
-    return order[:cut_train], order[cut_train:cut_val], order[cut_val:]
+    n_train, n_val, n_test = split_sizes(len(order), fractions)
+    return order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val : n_train + n_val + n_test]
 
 
 def iid_partition(indices: np.ndarray, clients: int, seed: int) -> list[np.ndarray]:
@@ -208,8 +214,8 @@ def make_clients(preset: Preset, domains: list[str], row_domains: np.ndarray, la
     else:
         try:
             parts = dirichlet_partition(labels, pooled, data.clients, data.alpha, seed, data.min_client_size)
-        except ValueError as error:
-            raise PresetError(preset.source, "data.min_client_size", str(error)) from None
+        except ValueError as error:  # resolve() checked the listing; unreadable images dropped since can land here
+            raise ValueError(f"data.min_client_size: {error}") from None
     width = len(str(data.clients - 1))
     return [client(f"client-{k:0{width}d}", "mixed", rows) for k, rows in enumerate(parts)]
 

@@ -1,19 +1,39 @@
 """Presets: TOML files read into typed, frozen dataclasses and validated strictly.
 
-Every mistake is a ``PresetError`` naming the file, the key and what is allowed, so the CLI can print
-it and exit 2 before anything is written. ``--set section.key=value`` overrides go through the same
-schema, so they are typed and checked exactly like the file.
+This module is the schema: sections and their common keys, parsing, ``--set`` overrides, anchoring
+relative paths to the preset file, and writing a preset back as TOML. The checks that need the file
+system, the weights or the machine live in ``engine.resolve``; ``load_preset`` runs both, so every
+caller (``fedtui run``, each sweep point, the console's editor) checks a preset the same way before
+anything is written. Components (aggregation rules, codecs, adapter kinds) own their keys
+(``engine.options``); a section only names the component. No torch is imported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.options.adapters import ADAPTER_KINDS
+from engine.options.codecs import CODECS
+from engine.options.strategies import AGGREGATIONS
+from engine.schema import (
+    PresetError,
+    Problems,
+    build_section,
+    fill_options,
+    flatten,
+    options_field,
+    section_hints,
+    suggest,
+)
+from engine.schema import knob as _knob
+
+__all__ = ["Preset", "PresetError", "load_preset", "read_preset", "to_toml"]
 
 # A source checkout keeps presets/ beside engine/; an installed wheel keeps them beside it as fedtui_presets/.
 PRESETS_DIR = next(
@@ -21,53 +41,23 @@ PRESETS_DIR = next(
     Path(__file__).resolve().parent.parent / "presets",
 )
 
-
-class PresetError(ValueError):
-    """A preset that cannot run: names the file, the key and what is allowed."""
-
-    def __init__(self, source: str, key: str | None, message: str):
-        self.source = source
-        self.key = key
-        self.message = message
-        where = f"{source}: [{key}]" if key else f"{source}:"
-        super().__init__(f"{where} {message}")
-
-
-def _knob(default: Any = dataclasses.MISSING, *, choices=None, min=None, max=None, min_exclusive=False, help=""):
-    """A preset key with its bounds; lists use ``default_factory`` so frozen instances share nothing."""
-    meta = {"choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive, "help": help}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _registry_names(which: str) -> list[str]:
-    """Allowed adapter kinds and aggregation rules come from their registries, so a new one is added once."""
-    if which == "adapters":
-        from engine.adapters.base import ADAPTERS
-        import engine.adapters  # noqa: F401  (fills the registry)
-
-        return sorted(ADAPTERS)
-    if which == "codecs":
-        from engine.compression import CODECS
-
-        return sorted(CODECS)
-    from engine.strategies.base import STRATEGIES
-    import engine.strategies  # noqa: F401
-
-    return sorted(STRATEGIES)
+# numpy's legacy seeding (the reference code's np.random.seed) takes seeds below 2^32.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
 class RunSection:
-    name: str = _knob("run", help="name used in the run directory")
+    name: str = _knob("run", help="name used in the run directory (at most 100 characters)")
     description: str = _knob("", help="one line shown by `fedtui presets`")
-    seed: int = _knob(0, min=0)
-    rounds: int = _knob(10, min=1, help="communication rounds")
+    seed: int = _knob(0, min=0, max=MAX_SEED)
+    # A round takes at least tens of milliseconds; 100,000 rounds is already a day of evaluation alone.
+    rounds: int = _knob(10, min=1, max=100_000, help="communication rounds")
     device: str = _knob("auto", choices=["auto", "cpu", "cuda"])
     out_dir: str = _knob("runs", help="folder under which each run gets its own directory")
     cache_dir: str = _knob("", help="feature cache folder; empty: $FEDTUI_CACHE or ~/.cache/fedtui")
-    threads: int = _knob(0, min=0, help="torch CPU threads; 0: all cores but one (see runner.default_threads)")
+    # More threads than a few per core only adds contention; the exact limit (4 x cores) is checked by
+    # engine.resolve against this machine, this one stops absurd values before they reach torch.
+    threads: int = _knob(0, min=0, max=1024, help="torch CPU threads; 0: all cores but one; at most 4 x cores")
 
 
 @dataclass(frozen=True)
@@ -76,92 +66,77 @@ class DataSection:
     root: str = _knob("", help="imagefolder root: <root>/<domain>/<class>/<image>")
     domains: list[str] = _knob([], help="domains in play (training and held out); empty: all")
     holdout: list[str] = _knob([], help="domains never trained on, tested whole (generalisation)")
-    split: list[float] = _knob([0.6, 0.2, 0.2], help="train/val/test fractions per domain or client")
+    split: list[float] = _knob([0.6, 0.2, 0.2], min=0.0, max=1.0, help="train/val/test fractions per domain or client")
     partition: str = _knob("domain", choices=["domain", "iid", "dirichlet"])
-    clients: int = _knob(4, min=1, help="client count for iid and dirichlet partitions")
-    alpha: float = _knob(0.5, min=0.0, min_exclusive=True, help="Dirichlet concentration")
-    min_client_size: int = _knob(10, min=1, help="dirichlet: redraw until every client has this many")
-    images_per_class: int = _knob(40, min=1, help="synthetic: images per class and domain")
-    image_size: int = _knob(64, min=8, help="synthetic: rendered image side in pixels")
+    clients: int = _knob(4, min=1, max=10_000, help="client count for iid and dirichlet partitions")
+    # Beyond 1e6 a Dirichlet draw is indistinguishable from iid; use partition = "iid".
+    alpha: float = _knob(0.5, min=0.0, min_exclusive=True, max=1e6, help="Dirichlet concentration")
+    min_client_size: int = _knob(10, min=1, max=1_000_000, help="dirichlet: redraw until every client has this many")
+    # Every synthetic image is drawn and encoded: 5,000 per class and style is 140,000 images, about an
+    # hour of CPU encoding for the small CLIP and hundreds of MB of features.
+    images_per_class: int = _knob(40, min=1, max=5_000, help="synthetic: images per class and domain (at most 5000)")
+    # The encoder resizes to its own input; a larger render only costs time and memory.
+    image_size: int = _knob(64, min=8, max=1024, help="synthetic: rendered image side in pixels (8 to 1024)")
     prompt_template: str = _knob("a picture of a {}", help="class prompt; {} is the class name")
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = _knob("ViT-B-32", help="open_clip architecture name")
+    arch: str = _knob("ViT-B-32", help="open_clip architecture name (must agree with a local-dir's config)")
     pretrained: str = _knob(
         "openai", help="open_clip tag, a checkpoint file, 'local-dir:<folder>', or 'none' (random weights)"
     )
-    encode_batch_size: int = _knob(64, min=1)
+    encode_batch_size: int = _knob(64, min=1, max=4096)
 
 
 @dataclass(frozen=True)
 class AdapterSection:
-    kind: str = _knob("attai", choices=lambda: _registry_names("adapters"))
-    ratio: float = _knob(
-        0.2, min=0.0, max=1.0, help="clip_adapter/text_adapter/both: a in f* = a A(f) + (1 - a) f (Gao et al.)"
-    )
-    reduction: int = _knob(4, min=1, help="clip_adapter/text_adapter/both: bottleneck width d / reduction")
-    lora_rank: int = _knob(2, min=1, help="lora: rank r of B A")
-    lora_alpha: float = _knob(1.0, min=0.0, min_exclusive=True, help="lora: W' = W + (alpha / r) B A")
-    lora_dropout: float = _knob(0.25, min=0.0, max=1.0, help="lora: dropout on the LoRA path's input, training only")
-    lora_targets: list[str] = _knob(
-        ["q", "k", "v", "o"], help="lora: attention projections to adapt, any of q, k, v, o (o = out_proj)"
-    )
-    lora_share: str = _knob(
-        "both", choices=["both", "b_only"], help="lora: send A and B, or freeze a seeded A and train/send B (FFA-LoRA)"
-    )
-    prompt_length: int = _knob(
-        0, min=0, help="prompt (CoOp): context vectors M; 0 = the template's word count (starts at zero-shot)"
-    )
+    kind: str = _knob("attai", component=ADAPTER_KINDS, help="the adapter kind; its keys: see engine/options/adapters.py")
+    kind_options: Any = options_field("kind")
+
+    def __post_init__(self) -> None:
+        fill_options(self)
 
 
 @dataclass(frozen=True)
 class TrainSection:
-    local_epochs: int = _knob(1, min=1, help="E: local epochs per round")
-    batch_size: int = _knob(32, min=2)
-    lr: float = _knob(5e-5, min=0.0, min_exclusive=True)
-    betas: list[float] = _knob([0.9, 0.98])
-    eps: float = _knob(1e-6, min=0.0, min_exclusive=True)
-    weight_decay: float = _knob(0.2, min=0.0)
+    # Each local epoch is a full pass over a client's data; 10,000 per round is far past any study.
+    local_epochs: int = _knob(1, min=1, max=10_000, help="E: local epochs per round")
+    batch_size: int = _knob(32, min=2, max=65_536)
+    # Adam's step is about lr per coordinate; above 10 every adapter leaves the region a CLIP feature lives in.
+    lr: float = _knob(5e-5, min=0.0, min_exclusive=True, max=10.0)
+    betas: list[float] = _knob([0.9, 0.98], min=0.0, max=1.0)
+    eps: float = _knob(1e-6, min=0.0, min_exclusive=True, max=1.0)
+    # Coupled L2 decay of 10 x lr per step drives any adapter to zero within a few steps.
+    weight_decay: float = _knob(0.2, min=0.0, max=10.0)
     loss: str = _knob("contrastive", choices=["contrastive", "ce"])
     reset_optimizer_each_round: bool = _knob(True)
 
 
 @dataclass(frozen=True)
 class FederationSection:
-    aggregation: str = _knob("mean", choices=lambda: _registry_names("strategies"))
+    aggregation: str = _knob("mean", component=AGGREGATIONS, help="the aggregation rule; its keys: engine/options/strategies.py")
     fraction: float = _knob(1.0, min=0.0, max=1.0, min_exclusive=True, help="C: share of clients per round")
-    min_clients: int = _knob(1, min=1)
+    min_clients: int = _knob(1, min=1, max=10_000)
     personal_layers: list[str] = _knob([], help="adapter tensors (name prefixes) that never leave the client (FedPer)")
-    compression: str = _knob("none", choices=lambda: _registry_names("codecs"))
+    compression: str = _knob("none", component=CODECS, help="the update codec; its keys: engine/options/codecs.py")
     skip_threshold: float = _knob(
-        0.0, min=0.0, help="a client skips sending an update with ||delta|| / ||global|| below this"
+        0.0, min=0.0, max=1e3, help="a client skips sending an update with ||delta|| / ||global|| below this"
     )
-    topk_fraction: float = _knob(
-        0.01, min=0.0, max=1.0, min_exclusive=True, help="compression topk: share of each tensor's entries sent"
-    )
-    topk_error_feedback: bool = _knob(True, help="compression topk: carry the dropped part into the next round")
-    mu: float = _knob(0.01, min=0.0, help="fedprox: proximal weight, loss += (mu/2)||w - x_t||^2")
-    server_lr: float = _knob(1.0, min=0.0, min_exclusive=True, help="fedavgm: server learning rate eta_s")
-    server_momentum: float = _knob(0.9, min=0.0, max=1.0, help="fedavgm: server momentum beta")
-    eta: float = _knob(0.1, min=0.0, min_exclusive=True, help="fedadagrad/fedyogi/fedadam: server learning rate")
-    beta1: float = _knob(0.9, min=0.0, max=1.0, help="fedadagrad/fedyogi/fedadam: first-moment decay")
-    beta2: float = _knob(0.99, min=0.0, max=1.0, help="fedyogi/fedadam: second-moment decay")
-    tau: float = _knob(1e-9, min=0.0, min_exclusive=True, help="fedadagrad/fedyogi/fedadam: adaptivity, v_0 = tau^2")
-    trim_fraction: float = _knob(
-        0.2, min=0.0, max=0.5, help="trimmed_mean: beta; drop ceil(beta m) highest and lowest per coordinate"
-    )
-    loadaboost_max_extra_epochs: int = _knob(
-        1, min=0, help="loadaboost: extra local epochs for a client whose loss exceeds the median"
-    )
+    aggregation_options: Any = options_field("aggregation")
+    compression_options: Any = options_field("compression")
+
+    def __post_init__(self) -> None:
+        fill_options(self)
 
 
 @dataclass(frozen=True)
 class EvalSection:
-    every: int = _knob(1, min=1, help="evaluate every N rounds (and always after the last)")
+    every: int = _knob(1, min=1, max=100_000, help="evaluate every N rounds (and always after the last)")
     selection: str = _knob("best-val", choices=["best-val", "last"])
-    wise_alphas: list[float] = _knob([], help="WiSE-FT: evaluate theta_0 + a (theta - theta_0) at the end for each a")
+    wise_alphas: list[float] = _knob(
+        [], min=0.0, max=1.0, help="WiSE-FT: evaluate theta_0 + a (theta - theta_0) at the end for each a"
+    )
     wise_alpha: float = _knob(1.0, min=0.0, max=1.0, help="WiSE-FT mixing used for the final model")
 
 
@@ -177,7 +152,7 @@ class Preset:
     source: str = field(default="<defaults>", compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+        return {s.name: flatten(getattr(self, s.name)) for s in _sections()}
 
 
 def _sections() -> list[dataclasses.Field]:
@@ -189,81 +164,44 @@ def _section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in _sections()}
 
 
-def _suggest(name: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{hint} Allowed: {', '.join(allowed)}."
-
-
-def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
-    """Check ``value`` against the annotation ``hint``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise PresetError(source, key, f"expected a list of {item_hint.__name__}, got {value!r}")
-        return [_coerce(v, item_hint, source, key) for v in value]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise PresetError(source, key, f"expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PresetError(source, key, f"expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PresetError(source, key, f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise PresetError(source, key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported schema type {hint!r}")
-
-
-def _check_bounds(value: Any, meta: dict, source: str, key: str) -> None:
-    choices = meta.get("choices")
-    if callable(choices):
-        choices = choices()
-    if choices is not None and value not in choices:
-        raise PresetError(source, key, f"{value!r} is not allowed.{_suggest(str(value), list(choices))}")
-    low, high = meta.get("min"), meta.get("max")
-    if low is not None:
-        too_low = value <= low if meta.get("min_exclusive") else value < low
-        if too_low:
-            relation = ">" if meta.get("min_exclusive") else ">="
-            raise PresetError(source, key, f"must be {relation} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise PresetError(source, key, f"must be <= {high}, got {value!r}")
-
-
-def _build_section(cls: type, raw: Any, source: str, section: str):
-    if not isinstance(raw, dict):
-        raise PresetError(source, section, f"expected a table [{section}], got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        dotted = f"{section}.{key}"
-        if key not in fields:
-            raise PresetError(source, dotted, f"unknown key.{_suggest(key, list(fields))}")
-        value = _coerce(value, hints[key], source, dotted)
-        _check_bounds(value, dict(fields[key].metadata), source, dotted)
-        values[key] = value
-    return cls(**values)
-
-
 def preset_from_dict(raw: dict[str, Any], source: str = "<preset>") -> Preset:
-    """Build and validate a preset from parsed TOML (a dict of section tables)."""
+    """Build a preset from parsed TOML (a dict of section tables); every problem is collected, then raised."""
+    problems = Problems(source)
     types = _section_types()
-    unknown = [k for k in raw if k not in types]
-    if unknown:
-        raise PresetError(source, unknown[0], f"unknown section.{_suggest(unknown[0], list(types))}")
-    sections = {name: _build_section(cls, raw.get(name, {}), source, name) for name, cls in types.items()}
+    for name in raw:
+        if name not in types:
+            problems.add(name, f"unknown section.{suggest(name, list(types))}")
+    sections = {name: build_section(cls, raw.get(name, {}), problems, name) for name, cls in types.items()}
+    problems.raise_if_any()
     preset = Preset(**sections, source=source)
-    validate(preset)
+    check_keys_together(preset, problems)
+    problems.raise_if_any()
     return preset
+
+
+def check_keys_together(preset: Preset, problems: Problems) -> None:
+    """Checks that involve several keys but nothing outside the preset."""
+    data, train = preset.data, preset.train
+    if len(data.split) != 3 or abs(sum(data.split) - 1.0) > 1e-6:
+        problems.add("data.split", f"expected three non-negative fractions summing to 1, got {data.split}")
+    elif data.split[0] <= 0:
+        problems.add("data.split", "the train fraction must be > 0")
+    if len(train.betas) != 2 or not all(0 <= b < 1 for b in train.betas):
+        problems.add("train.betas", f"expected two numbers in [0, 1), got {train.betas}")
+    try:
+        data.prompt_template.format("class")
+        if "{}" not in data.prompt_template:
+            problems.add("data.prompt_template", "must contain {} where the class name goes")
+    except (IndexError, KeyError, ValueError):
+        problems.add("data.prompt_template", "must contain exactly one {} and no other braces (write {{ for a brace)")
+    if len(set(data.domains)) != len(data.domains):
+        problems.add("data.domains", "a domain is listed twice")
+    if len(set(data.holdout)) != len(data.holdout):
+        problems.add("data.holdout", "a domain is listed twice")
+    if len(preset.run.name) > 100:
+        problems.add("run.name", f"at most 100 characters (it names the run directory), got {len(preset.run.name)}")
+    if preset.federation.min_clients > data.clients and data.partition != "domain":
+        problems.add("federation.min_clients", f"more than data.clients = {data.clients}")
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
@@ -292,37 +230,68 @@ def _parse_override_value(value: str, hint: Any) -> Any:
                 return tomllib.loads(f"v = [{value}]")["v"]
             except tomllib.TOMLDecodeError:
                 pass
-        return value  # _coerce reports the type mismatch with the key's name
+        return value  # coerce reports the type mismatch with the key's name
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of parsed TOML with each ``section.key=value`` applied, typed by the schema."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     types = _section_types()
+    problems = Problems("--set")
     for text in overrides:
-        section, key, value = parse_override(text)
+        try:
+            section, key, value = parse_override(text)
+        except PresetError as error:
+            problems.extend(error)
+            continue
+        dotted = f"{section}.{key}"
         if section not in types:
-            raise PresetError("--set", f"{section}.{key}", f"unknown section.{_suggest(section, list(types))}")
-        hints = typing.get_type_hints(types[section])
+            problems.add(dotted, f"unknown section.{suggest(section, list(types))}")
+            continue
+        hints = section_hints(types[section])
         if key not in hints:
-            raise PresetError("--set", f"{section}.{key}", f"unknown key.{_suggest(key, list(hints))}")
-        merged.setdefault(section, {})[key] = _parse_override_value(value, hints[key])
+            problems.add(dotted, f"unknown key.{suggest(key, list(hints))}")
+            continue
+        if not isinstance(merged.setdefault(section, {}), dict):
+            problems.add(dotted, f"the preset's [{section}] is not a table, so its keys cannot be set")
+            continue
+        merged[section][key] = _parse_override_value(value, hints[key])
+    problems.raise_if_any()
     return merged
 
 
 def read_preset_toml(path: str | Path) -> dict[str, Any]:
+    """The file's TOML as a dict; a missing, unreadable, non-UTF-8 or invalid file is a PresetError."""
     path = Path(path)
-    if not path.is_file():
-        raise PresetError(str(path), None, "no such preset file")
+    if path.is_dir():
+        raise PresetError(str(path), None, "is a folder, not a preset file")
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PresetError(str(path), None, "no such preset file") from None
+    except OSError as error:
+        raise PresetError(str(path), None, f"cannot be read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PresetError(str(path), None, f"is not UTF-8 text (byte {error.start}, line {line}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise PresetError(str(path), None, f"not valid TOML: {error}") from None
 
 
-def load_preset(path: str | Path, overrides: list[str] | None = None) -> Preset:
+def read_preset(path: str | Path, overrides: list[str] | None = None) -> Preset:
+    """The preset file with its overrides applied and paths anchored to it: the schema's checks only."""
     return preset_from_raw(read_preset_toml(path), path, overrides)
+
+
+def load_preset(path: str | Path, overrides: list[str] | None = None) -> Preset:
+    """Read and resolve: what every command runs before it writes anything (see ``engine.resolve``)."""
+    from engine.resolve import resolve
+
+    return resolve(read_preset(path, overrides))
 
 
 def preset_from_raw(
@@ -334,9 +303,10 @@ def preset_from_raw(
 
 
 def resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data roots and checkpoints written relative to the preset file mean relative to that file.
+    """Data roots, checkpoints and output folders written relative to the preset file mean relative to it.
 
     The resolved (absolute) paths are what a run directory's preset.toml records, so it re-runs anywhere.
+    ``run.out_dir`` and ``run.cache_dir`` stay as written: runs land where the user stands.
     """
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     data, model = raw.get("data"), raw.get("model")
@@ -346,79 +316,21 @@ def resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         value = model["pretrained"]
         if value.startswith("local-dir:"):
             model["pretrained"] = "local-dir:" + _anchor(value[len("local-dir:") :], base)
-        elif _looks_like_path(value):
+        elif looks_like_path(value):
             model["pretrained"] = _anchor(value, base)
     return raw
 
 
 def _anchor(value: str, base: Path) -> str:
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~nobody/...": no such user; resolve reports the path as missing
+        path = Path(value)
+    return os.path.normpath(path if path.is_absolute() else base / path)
 
 
-def replace(preset: Preset, **changes: dict[str, Any]) -> Preset:
-    """A validated copy with some keys changed: ``replace(p, train={"lr": 1e-3})``."""
-    raw = preset.to_dict()
-    for section, values in changes.items():
-        raw.setdefault(section, {}).update(values)
-    return preset_from_dict(raw, source=preset.source)
-
-
-def validate(preset: Preset) -> None:
-    """Checks that involve several keys or the file system."""
-    src, data = preset.source, preset.data
-    if len(data.split) != 3 or abs(sum(data.split) - 1.0) > 1e-6 or min(data.split) < 0:
-        raise PresetError(src, "data.split", f"expected three non-negative fractions summing to 1, got {data.split}")
-    if data.split[0] <= 0:
-        raise PresetError(src, "data.split", "the train fraction must be > 0")
-    if len(preset.train.betas) != 2 or not all(0 <= b < 1 for b in preset.train.betas):
-        raise PresetError(src, "train.betas", f"expected two numbers in [0, 1), got {preset.train.betas}")
-    if "{}" not in data.prompt_template:
-        raise PresetError(src, "data.prompt_template", "must contain {} where the class name goes")
-
-    available = available_domains(preset)
-    for key, names in (("data.domains", data.domains), ("data.holdout", data.holdout)):
-        for name in names:
-            if name not in available:
-                raise PresetError(src, key, f"unknown domain {name!r}.{_suggest(name, available)}")
-    used = data.domains or available
-    for name in data.holdout:
-        if name not in used:
-            raise PresetError(src, "data.holdout", f"{name!r} is not among data.domains {used}")
-    if not [d for d in used if d not in data.holdout]:
-        raise PresetError(src, "data.holdout", "every domain is held out; at least one must train")
-    if len(set(data.domains)) != len(data.domains):
-        raise PresetError(src, "data.domains", "a domain is listed twice")
-
-    pretrained = preset.model.pretrained
-    if pretrained.startswith("local-dir:"):
-        folder = Path(pretrained[len("local-dir:") :]).expanduser()
-        if not folder.is_dir():
-            raise PresetError(src, "model.pretrained", f"local-dir folder {str(folder)!r} does not exist")
-    elif _looks_like_path(pretrained) and not Path(pretrained).expanduser().is_file():
-        raise PresetError(src, "model.pretrained", f"checkpoint file {pretrained!r} does not exist")
-
-
-def _looks_like_path(value: str) -> bool:
+def looks_like_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
-def available_domains(preset: Preset) -> list[str]:
-    """Domains the data source offers: the synthetic styles, or the folders under an imagefolder root."""
-    data = preset.data
-    if data.dataset == "synthetic":
-        from engine.synthetic import DOMAINS
-
-        return list(DOMAINS)
-    if not data.root:
-        raise PresetError(preset.source, "data.root", "required for dataset = 'imagefolder'")
-    root = Path(data.root).expanduser()
-    if not root.is_dir():
-        raise PresetError(preset.source, "data.root", f"folder {str(root)!r} does not exist")
-    domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not domains:
-        raise PresetError(preset.source, "data.root", f"{str(root)!r} has no domain folders (<root>/<domain>/<class>/)")
-    return domains
 
 
 def shipped_presets() -> list[Path]:
@@ -428,13 +340,15 @@ def shipped_presets() -> list[Path]:
 def describe(path: Path) -> str:
     """The preset's one-line description, without validating it (listing must not fail on one bad file)."""
     try:
-        return str(read_preset_toml(path).get("run", {}).get("description", ""))
+        raw = read_preset_toml(path)
     except PresetError as error:
         return f"(unreadable: {error.message})"
+    run = raw.get("run")
+    return str(run.get("description", "")) if isinstance(run, dict) else ""
 
 
 def to_toml(preset: Preset) -> str:
-    """The resolved preset as TOML, so a run directory can be re-run exactly."""
+    """The resolved preset as TOML, so a run directory can be re-run exactly (``read_preset`` gives it back)."""
     lines: list[str] = []
     for section, values in preset.to_dict().items():
         lines.append(f"[{section}]")
@@ -444,14 +358,28 @@ def to_toml(preset: Preset) -> str:
     return "\n".join(lines)
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(value: str) -> str:
+    out = []
+    for char in value:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:  # other control characters are not allowed raw in TOML
+            out.append(f"\\u{ord(char):04X}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")

@@ -27,7 +27,7 @@ from engine.compression import build_codec, serialized_nbytes
 from engine.control import RunControl, RunStopped
 from engine.evaluation import accuracy, nanmean, strictly_improved
 from engine.prepare import PreparedRun, prepare
-from engine.presets import Preset, PresetError, to_toml
+from engine.presets import Preset, to_toml
 from engine.runstore import RunStore, new_run_dir
 from engine.strategies import ClientUpdate, build_strategy
 from engine.training import make_optimizer, train_locally
@@ -183,8 +183,6 @@ class _Session:
         except RunStopped:
             status = "stopped"
             self.log("warning", "stopped on request; the run directory holds everything up to the last round")
-        except PresetError as error:
-            return self._fail(str(error))
         except Exception as error:  # a failing run is reported, never raised into the UI thread
             return self._fail(f"{type(error).__name__}: {error}", traceback.format_exc())
         except BaseException:
@@ -208,7 +206,7 @@ class _Session:
         preset, fed = self.preset, self.preset.federation
         torch.set_num_threads(preset.run.threads or default_threads())
         device = resolve_device(preset.run.device)
-        strategy = build_strategy(fed.aggregation, fed)
+        strategy = build_strategy(fed.aggregation, fed.aggregation_options)
         rounds, epochs = strategy.schedule(preset.run.rounds, preset.train.local_epochs)
         self.planned_rounds = rounds
 
@@ -231,7 +229,7 @@ class _Session:
             clip_model=data.backbone.model,
             tokenizer=data.backbone.tokenizer,
         )
-        adapter = build_adapter(preset.adapter.kind, context, preset.adapter).to(device)
+        adapter = build_adapter(preset.adapter.kind, context, preset.adapter.kind_options).to(device)
         self.write_manifest(
             device=str(device),
             weights=data.backbone.weights,
@@ -283,14 +281,14 @@ class _Federation:
         self.epochs = epochs
         self.device = device
         fed = self.preset.federation
-        self.codec = build_codec(fed.compression, fed)
+        self.codec = build_codec(fed.compression, fed.compression_options)
         self.scale = data.backbone.logit_scale
         self.theta_0 = adapter.trainable_state()
         shared, personal = _split_keys(self.theta_0, fed.personal_layers)
         if fed.personal_layers and not personal:
-            raise PresetError(
-                self.preset.source, "federation.personal_layers",
-                f"{fed.personal_layers} matches no adapter tensor; names: {', '.join(self.theta_0)}",
+            raise ValueError(
+                f"federation.personal_layers {fed.personal_layers} matches no adapter tensor; "
+                f"names: {', '.join(self.theta_0)}"
             )
         if getattr(strategy, "personalises_everything", False):
             shared, personal = [], list(self.theta_0)

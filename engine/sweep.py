@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.runstore import write_atomic
-from engine.presets import Preset, PresetError, apply_overrides, parse_override, preset_from_raw
+from engine.presets import Preset, apply_overrides, parse_override, preset_from_raw
+from engine.schema import PresetError, Problems
 
 COLUMNS = [
     "setting", "status", "rounds", "trainable_parameters", "zero_shot_test", "zero_shot_holdout",
@@ -49,15 +50,23 @@ def expand(vary: list[str]) -> list[SweepPoint]:
 def build_presets(
     raw: dict[str, Any], path: Path, points: list[SweepPoint], common: list[str] | None = None
 ) -> list[Preset]:
-    """Validate every point (``common`` overrides, then its own) before anything runs, so a typo in the
-    last value fails at once. Each run is named after its point."""
-    presets = []
+    """Read and resolve every point (``common`` overrides, then its own) before anything runs, so a typo in
+    the last value fails at once; the problems of every point are reported together. Each run is named
+    after its point."""
+    from engine.resolve import resolve
+
+    presets, problems = [], Problems(str(path))
     for point in points:
         overrides = [*(common or []), *point.overrides]
-        name = apply_overrides(raw, overrides).get("run", {}).get("name", "run")
-        slug = "-".join(o.split(".", 1)[1].replace("=", "") for o in point.overrides)
-        overrides.append(f"run.name={name}-{slug}")
-        presets.append(preset_from_raw(raw, path, overrides, source=f"{path} ({point.label})"))
+        try:
+            run_table = apply_overrides(raw, overrides).get("run", {})
+            name = run_table.get("name", "run") if isinstance(run_table, dict) else "run"
+            slug = "-".join(o.split(".", 1)[1].replace("=", "") for o in point.overrides)
+            overrides.append(f"run.name={name}-{slug}")
+            presets.append(resolve(preset_from_raw(raw, path, overrides, source=f"{path} ({point.label})")))
+        except PresetError as error:
+            problems.extend(error)
+    problems.raise_if_any()
     return presets
 
 

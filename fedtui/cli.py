@@ -25,6 +25,40 @@ cli = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 
+def _bad_input(message: str) -> typer.Exit:
+    """One line on stderr naming the file, key or path; exit 2 (nothing was written)."""
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _load(preset: Path, overrides: list[str]):
+    """Read and resolve the preset, or exit 2 listing every problem."""
+    from engine.presets import PresetError, load_preset
+
+    try:
+        return load_preset(preset, overrides)
+    except PresetError as error:
+        raise _bad_input(str(error))
+
+
+def _claim_run_dir(loaded, out: Optional[Path]) -> Path:
+    """The run directory, created now, so an unwritable or occupied place is bad input before any work."""
+    from engine.runstore import new_run_dir
+
+    try:
+        if out is None:
+            return new_run_dir(loaded.run.out_dir, loaded.run.name)
+        if out.exists() and not out.is_dir():
+            raise _bad_input(f"--out {out} is a file, not a folder; nothing was written")
+        if out.is_dir() and any(out.iterdir()):
+            raise _bad_input(f"--out {out} exists and is not empty; nothing was written")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    except OSError as error:
+        where = str(out) if out is not None else f"run.out_dir {loaded.run.out_dir!r}"
+        raise _bad_input(f"cannot create the run directory under {where}: {error.strerror or error}; nothing was written")
+
+
 @cli.command()
 def run(
     preset: Path = typer.Argument(..., help="preset TOML file (see `fedtui presets`)"),
@@ -33,16 +67,8 @@ def run(
     json_: bool = typer.Option(False, "--json", help="print one JSON event per line instead of progress"),
 ) -> None:
     """Run a preset headless: progress bar, one line per round, a summary table."""
-    from engine.presets import PresetError, load_preset
-
-    try:
-        loaded = load_preset(preset, set_)
-    except PresetError as error:
-        err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    if out is not None and out.exists() and any(out.iterdir()):
-        err.print(f"[bold red]error:[/] --out {escape(str(out))} exists and is not empty; nothing was written", soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+    loaded = _load(preset, set_)
+    out = _claim_run_dir(loaded, out)
 
     from engine.control import RunControl
     from engine.runner import run as run_engine
@@ -87,8 +113,7 @@ def sweep(
         points = expand(vary)
         presets = build_presets(raw, preset, points, common=set_)
     except PresetError as error:
-        err.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise _bad_input(str(error))
 
     from engine.control import RunControl
     from engine.runner import run as run_engine
@@ -97,7 +122,10 @@ def sweep(
     from fedtui.headless import SweepReporter, sweep_table
 
     control = RunControl()
-    out_dir = new_run_dir(presets[0].run.out_dir, f"sweep-{raw.get('run', {}).get('name', preset.stem)}")
+    try:
+        out_dir = new_run_dir(presets[0].run.out_dir, f"sweep-{raw.get('run', {}).get('name', preset.stem)}")
+    except OSError as error:
+        raise _bad_input(f"cannot create the sweep folder under run.out_dir {presets[0].run.out_dir!r}: {error.strerror or error}")
     reporter = SweepReporter(len(presets))
     previous = signal.signal(signal.SIGINT, lambda signum, frame: control.stop())
     try:
@@ -111,6 +139,19 @@ def sweep(
         raise typer.Exit(EXIT_FAILED)
     if control.stop_requested:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@cli.command()
+def check(
+    preset: Path = typer.Argument(..., help="preset TOML file"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set train.local_epochs=5 (repeatable)"),
+) -> None:
+    """Check a preset as `fedtui run` would, without running it: print the resolved preset, or every problem."""
+    from engine.presets import to_toml
+
+    loaded = _load(preset, set_)
+    Console(highlight=False).print(escape(to_toml(loaded)), end="")
+    err.print(f"[green]ok:[/] {escape(str(preset))} can run")
 
 
 @cli.command("presets")

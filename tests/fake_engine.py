@@ -185,6 +185,10 @@ rounds = 3
 
 [data]
 partition = "domain"
+
+[model]  # runnable offline: the console resolves a preset (weights included) before it may start
+arch = "fedtui-clip-tiny"
+pretrained = "none"
 """
 
 OTHER_PRESET = """\
@@ -196,6 +200,10 @@ rounds = 5
 [data]
 partition = "iid"
 clients = 8
+
+[model]
+arch = "fedtui-clip-tiny"
+pretrained = "none"
 
 [federation]
 aggregation = "fedavg"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,12 +10,17 @@ import torch.nn.functional as F
 
 from engine.adapters import AdapterContext, build_adapter
 from engine.adapters.base import ADAPTERS
+from engine.options.adapters import ADAPTER_KINDS, LoRAOptions, PromptOptions
 from engine.presets import AdapterSection, preset_from_dict
 from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset, zero_shot_logits
 
 ZERO_SHOT_KINDS = ["clip_adapter", "text_adapter", "both", "linear_head", "lora", "prompt"]
-# prompt_length = 4 is the template's word count: CoOp "init from words", the exact zero-shot start.
-EXACT_START = SimpleNamespace(prompt_length=TEMPLATE_TOKENS)
+
+
+def exact_start(kind: str):
+    """Each kind's defaults, but prompt_length = 4, the template's word count: CoOp "init from words", the
+    exact zero-shot start."""
+    return PromptOptions(prompt_length=TEMPLATE_TOKENS) if kind == "prompt" else ADAPTER_KINDS.options_for(kind)()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_every_kind_is_registered():
 
 @pytest.mark.parametrize("kind", ZERO_SHOT_KINDS)
 def test_round_zero_equals_zero_shot(kind, context, data):
-    adapter = build_adapter(kind, context, EXACT_START).eval()
+    adapter = build_adapter(kind, context, exact_start(kind)).eval()
     expected = zero_shot_logits(context, data[0])
     torch.testing.assert_close(logits_of(adapter, data, context), expected, atol=1e-5, rtol=0)
 
@@ -60,14 +64,14 @@ def test_attai_starts_near_not_at_zero_shot(context, data):
 
 
 def test_prompt_with_other_length_is_random_coop_init(context, data):
-    adapter = build_adapter("prompt", context, SimpleNamespace(prompt_length=16))
+    adapter = build_adapter("prompt", context, PromptOptions(prompt_length=16))
     assert not adapter.starts_at_zero_shot
     assert adapter.trainable_parameters() == 16 * 64  # M x text width
     assert abs(adapter.context_vectors.std().item() - 0.02) < 0.005
     torch.manual_seed(123)  # a different global RNG state: the seeded init must not care
-    again = build_adapter("prompt", context, SimpleNamespace(prompt_length=16))
+    again = build_adapter("prompt", context, PromptOptions(prompt_length=16))
     assert torch.equal(again.context_vectors, adapter.context_vectors)
-    default_length = build_adapter("prompt", context, SimpleNamespace(prompt_length=0))
+    default_length = build_adapter("prompt", context, PromptOptions(prompt_length=0))
     assert default_length.starts_at_zero_shot and default_length.context_vectors.shape[0] == TEMPLATE_TOKENS
 
 
@@ -99,14 +103,14 @@ def test_lora_parameter_count_and_state_excludes_base_weights(context):
     frozen = {name for name, p in adapter.named_parameters() if not p.requires_grad}
     assert any("in_proj_weight" in n for n in frozen) and not frozen & set(state)
 
-    b_only = build_adapter("lora", context, SimpleNamespace(lora_share="b_only", lora_targets=["q", "v"]))
+    b_only = build_adapter("lora", context, LoRAOptions(lora_share="b_only", lora_targets=["q", "v"]))
     assert b_only.trainable_parameters() == layers * 2 * rank * width
     assert all(name.endswith(".B") for name in b_only.trainable_state())
 
 
 def test_lora_clients_share_seeded_a_but_no_mutable_state(context, data):
-    first = build_adapter("lora", context, SimpleNamespace(lora_share="b_only"))
-    second = build_adapter("lora", context, SimpleNamespace(lora_share="b_only"))
+    first = build_adapter("lora", context, LoRAOptions(lora_share="b_only"))
+    second = build_adapter("lora", context, LoRAOptions(lora_share="b_only"))
     first_a = {n: p for n, p in first.named_parameters() if n.endswith(".A")}
     second_a = {n: p for n, p in second.named_parameters() if n.endswith(".A")}
     assert first_a.keys() == second_a.keys()
@@ -148,7 +152,7 @@ def test_lora_merged_and_unmerged_give_the_same_logits(context, data):
 
 def test_lora_rejects_unknown_targets(context):
     with pytest.raises(ValueError, match="lora_targets"):
-        build_adapter("lora", context, SimpleNamespace(lora_targets=["q", "mlp"]))
+        build_adapter("lora", context, LoRAOptions(lora_targets=["q", "mlp"]))
 
 
 def contrastive_loss(scores, labels, scale):
@@ -182,7 +186,7 @@ def train_steps(adapter, data, context, steps=8, lr=5e-3, loss_fn=ce_loss):
 @pytest.mark.parametrize("loss_fn", [ce_loss, contrastive_loss], ids=["ce", "contrastive"])
 def test_short_training_lowers_loss(kind, loss_fn, context, data):
     torch.manual_seed(0)
-    adapter = build_adapter(kind, context, EXACT_START)
+    adapter = build_adapter(kind, context, exact_start(kind))
     before = evaluate_loss(adapter, data, context, loss_fn)
     train_steps(adapter, data, context, steps=5, lr=1e-2, loss_fn=loss_fn)
     after = evaluate_loss(adapter, data, context, loss_fn)
@@ -190,7 +194,7 @@ def test_short_training_lowers_loss(kind, loss_fn, context, data):
 
 
 def test_prompt_eval_cache_follows_the_context(context, data):
-    adapter = build_adapter("prompt", context, EXACT_START).eval()
+    adapter = build_adapter("prompt", context, exact_start("prompt")).eval()
     first = logits_of(adapter, data, context)
     # A random change: a constant shift of every coordinate would be cancelled by the LayerNorms.
     change = 0.5 * torch.randn(adapter.context_vectors.shape, generator=torch.Generator().manual_seed(0))
@@ -219,12 +223,16 @@ def test_residual_adapter_gets_gradient_from_zero_start(context, data):
 
 
 def test_adapter_preset_keys_validate():
-    section = AdapterSection()
-    assert (section.ratio, section.reduction, section.lora_rank, section.lora_share) == (0.2, 4, 2, "both")
-    assert section.lora_targets == ["q", "k", "v", "o"] and section.prompt_length == 0  # template words: starts at zero-shot
+    assert AdapterSection().kind_options == ADAPTER_KINDS.options_for("attai")()
+    residual = AdapterSection(kind="clip_adapter").kind_options
+    lora = LoRAOptions()
+    assert (residual.ratio, residual.reduction, lora.lora_rank, lora.lora_share) == (0.2, 4, 2, "both")
+    assert lora.lora_targets == ["q", "k", "v", "o"] and PromptOptions().prompt_length == 0  # template words: zero-shot
     preset = preset_from_dict({"adapter": {"kind": "lora", "lora_rank": 4, "lora_share": "b_only"}})
-    assert preset.adapter.lora_rank == 4
-    with pytest.raises(ValueError, match="lora_share"):
-        preset_from_dict({"adapter": {"lora_share": "a_only"}})
-    with pytest.raises(ValueError, match="ratio"):
-        preset_from_dict({"adapter": {"ratio": 1.5}})
+    assert preset.adapter.kind_options == LoRAOptions(lora_rank=4, lora_share="b_only")
+    with pytest.raises(ValueError, match=r"\[adapter.lora_share\] 'a_only' is not allowed"):
+        preset_from_dict({"adapter": {"kind": "lora", "lora_share": "a_only"}})
+    with pytest.raises(ValueError, match=r"\[adapter.lora_targets\] 'mlp' is not allowed"):
+        preset_from_dict({"adapter": {"kind": "lora", "lora_targets": ["q", "mlp"]}})
+    with pytest.raises(ValueError, match=r"\[adapter.ratio\] must be <= 1.0"):
+        preset_from_dict({"adapter": {"kind": "clip_adapter", "ratio": 1.5}})

@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine import events as ev
 from engine.backbone import load_backbone, weights_fingerprint
-from engine.presets import PRESETS_DIR, load_preset
+from engine.presets import PRESETS_DIR, PresetError, load_preset, read_preset
 from engine.runner import run
 
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
@@ -33,7 +33,9 @@ def make_image_folder(root: Path, per_class: int = 2) -> Path:
 def test_paper_preset_validates_and_stops_only_at_the_weights_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = make_image_folder(tmp_path / "PACS", per_class=1)
-    preset = load_preset(PRESETS_DIR / "fedclip-pacs.toml", [f"data.root={root}"])
+    with pytest.raises(PresetError, match=r"\[model.pretrained\] ViT-B-32 'openai' weights must be downloaded .* HF_HUB_OFFLINE"):
+        load_preset(PRESETS_DIR / "fedclip-pacs.toml", [f"data.root={root}"])  # said at once, before any run
+    preset = read_preset(PRESETS_DIR / "fedclip-pacs.toml", [f"data.root={root}"])
     assert preset.model.arch == "ViT-B-32" and preset.model.pretrained == "openai"
     assert preset.data.holdout == ["sketch"] and preset.run.rounds == 200 and preset.train.lr == 5e-5
     with pytest.raises(Exception) as info:  # no hub here: open_clip's own download is what fails

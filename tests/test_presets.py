@@ -11,10 +11,12 @@ from engine.presets import (
     apply_overrides,
     load_preset,
     preset_from_dict,
+    read_preset,
     read_preset_toml,
     shipped_presets,
     to_toml,
 )
+from engine.resolve import resolve
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -58,10 +60,11 @@ def test_wrong_type_and_out_of_range(tmp_path):
 def test_cross_key_checks(tmp_path):
     with pytest.raises(PresetError, match=r"\[data.split\] expected three non-negative fractions summing to 1"):
         preset_from_dict({"data": {"split": [0.5, 0.2, 0.2]}})
+    tiny = {"arch": "fedtui-clip-tiny", "pretrained": "none"}
     with pytest.raises(PresetError, match=r"\[data.holdout\] unknown domain 'skecth'. Did you mean 'sketch'"):
-        preset_from_dict({"data": {"holdout": ["skecth"]}})
+        resolve(preset_from_dict({"data": {"holdout": ["skecth"]}, "model": tiny}))
     with pytest.raises(PresetError, match="every domain is held out"):
-        preset_from_dict({"data": {"domains": ["photo"], "holdout": ["photo"]}})
+        resolve(preset_from_dict({"data": {"domains": ["photo"], "holdout": ["photo"]}, "model": tiny}))
 
 
 def test_missing_data_root_and_checkpoint(tmp_path):
@@ -96,14 +99,16 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
 
 def test_resolved_preset_round_trips_through_toml(tmp_path):
     preset = preset_from_dict({"run": {"name": 'quote"d', "rounds": 7}, "data": {"holdout": ["sketch"]}})
-    again = load_preset(write(tmp_path, to_toml(preset)))
+    again = read_preset(write(tmp_path, to_toml(preset)))
     assert again.to_dict() == preset.to_dict()
 
 
 def test_relative_paths_resolve_against_the_preset_file(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    preset = load_preset(write(tmp_path, '[model]\narch = "fedtui-clip-tiny"\npretrained = "local-dir:ckpt"\n'))
+    preset = read_preset(write(tmp_path, '[model]\narch = "fedtui-clip-tiny"\npretrained = "local-dir:ckpt"\n'))
     assert preset.model.pretrained == f"local-dir:{tmp_path / 'ckpt'}"
+    with pytest.raises(PresetError, match=rf"local-dir folder '{tmp_path / 'ckpt'}' has no open_clip_config.json"):
+        resolve(preset)
 
 
 def test_every_shipped_preset_parses():

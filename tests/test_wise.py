@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engine.adapters import build_adapter
+from engine.options.adapters import PromptOptions
 from engine.wise import interpolate, interpolation_path
 from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset, zero_shot_logits
 
@@ -59,7 +59,7 @@ def test_interpolate_rejects_mismatched_states():
 @pytest.mark.parametrize("kind", ["clip_adapter", "both", "linear_head", "lora", "prompt"])
 def test_wise_ends_are_zero_shot_and_trained(kind, setup):
     context, images, features, labels = setup
-    adapter = build_adapter(kind, context, SimpleNamespace(prompt_length=TEMPLATE_TOKENS))
+    adapter = build_adapter(kind, context, PromptOptions(prompt_length=TEMPLATE_TOKENS) if kind == "prompt" else None)
     inputs = images if adapter.needs_images else features
     theta_0 = adapter.trainable_state()  # the zero-shot start
     train(adapter, inputs, labels, context.logit_scale)

@@ -19,8 +19,8 @@ class AttentionAdapter(Adapter):
 
     kind = "attai"
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
         d = context.feature_dim
         self.attention = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Softmax(dim=1))
         self.register_buffer("text", F.normalize(context.class_text_features.float(), dim=-1), persistent=False)

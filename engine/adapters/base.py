@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.options.adapters import ADAPTER_KINDS
 from engine.registry import Registry
 
 
@@ -43,11 +44,12 @@ class Adapter(nn.Module):
     # Kinds that run the image encoder in the training loop cannot use cached features.
     needs_images: ClassVar[bool] = False
 
-    def __init__(self, context: AdapterContext, config: Any):
+    def __init__(self, context: AdapterContext, options: Any = None):
         super().__init__()
         # Kept off the module tree so the frozen CLIP never shows up in state_dict or parameters().
         object.__setattr__(self, "context", context)
-        self.config = config
+        # The kind's own keys (engine/options/adapters.py); their defaults live only there.
+        self.options = options if options is not None else ADAPTER_KINDS.options_for(self.kind)()
 
     def forward(self, inputs: torch.Tensor) -> ClassScores:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -84,5 +86,5 @@ ADAPTERS = Registry("adapter kind", "kind")
 register_adapter = ADAPTERS.register
 
 
-def build_adapter(kind: str, context: AdapterContext, config: Any) -> Adapter:
-    return ADAPTERS.build(kind, context, config)
+def build_adapter(kind: str, context: AdapterContext, options: Any = None) -> Adapter:
+    return ADAPTERS.build(kind, context, options)

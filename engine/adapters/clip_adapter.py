@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter
-from engine.adapters.options import adapter_option
 
 
 def relu_passing_zero(x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +48,8 @@ class ResidualBottleneck(nn.Module):
         return self.ratio * self.residual(features) + (1.0 - self.ratio) * features
 
 
-def bottleneck_from_config(dim: int, config) -> ResidualBottleneck:
-    return ResidualBottleneck(dim, int(adapter_option(config, "reduction")), float(adapter_option(config, "ratio")))
+def bottleneck_from_options(dim: int, options) -> ResidualBottleneck:
+    return ResidualBottleneck(dim, int(options.reduction), float(options.ratio))
 
 
 @register_adapter
@@ -63,9 +62,9 @@ class ClipAdapter(Adapter):
     kind = "clip_adapter"
     needs_images = False
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
-        self.image_adapter = bottleneck_from_config(context.feature_dim, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
+        self.image_adapter = bottleneck_from_options(context.feature_dim, self.options)
         self.register_buffer("text", F.normalize(context.class_text_features.float(), dim=-1), persistent=False)
 
     def forward(self, features: torch.Tensor) -> ClassScores:

@@ -26,8 +26,8 @@ class LinearHead(Adapter):
     kind = "linear_head"
     needs_images = False
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
         self.scale = float(context.logit_scale)
         text = F.normalize(context.class_text_features.detach().float(), dim=-1)
         self.weight = nn.Parameter(self.scale * text)  # [K, d]

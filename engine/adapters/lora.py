@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter
-from engine.adapters.options import adapter_option
 
 LORA_TARGETS = ("q", "k", "v", "o")
 # Fixed seed for A: every client (and every process) builds the same A, which b_only sharing needs.
@@ -200,18 +199,18 @@ class LoRAAdapter(Adapter):
     kind = "lora"
     needs_images = True
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
         if context.clip_model is None:
             raise ValueError("the lora adapter needs context.clip_model (it runs the image encoder)")
-        targets = list(adapter_option(config, "lora_targets"))
+        targets = list(self.options.lora_targets)
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if unknown or not targets or len(set(targets)) != len(targets):
             raise ValueError(f"lora_targets must be distinct names from {list(LORA_TARGETS)}, got {targets}")
-        rank = int(adapter_option(config, "lora_rank"))
-        alpha = float(adapter_option(config, "lora_alpha"))
-        dropout = float(adapter_option(config, "lora_dropout"))
-        self.share = str(adapter_option(config, "lora_share"))
+        rank = int(self.options.lora_rank)
+        alpha = float(self.options.lora_alpha)
+        dropout = float(self.options.lora_dropout)
+        self.share = str(self.options.lora_share)
         if self.share not in ("both", "b_only"):
             raise ValueError(f"lora_share must be 'both' or 'b_only', got {self.share!r}")
 

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter
-from engine.adapters.options import adapter_option
 
 CONTEXT_SEED = 0  # random context init: the same on every client and in every process
 PLACEHOLDER = "X"  # CoOp's placeholder word; one BPE token whose embedding is replaced by the context
@@ -124,15 +123,15 @@ class PromptAdapter(Adapter):
     kind = "prompt"
     needs_images = False
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
         model, tokenizer = context.clip_model, context.tokenizer
         if model is None or tokenizer is None:
             raise ValueError("the prompt adapter needs context.clip_model and context.tokenizer (it runs the text encoder)")
         self.tower = TextTower.of(model)  # a plain dataclass: the frozen CLIP pieces stay off the module tree
         prefix = template_prefix(context.prompts, context.class_names)
         prefix_ids = count_tokens(tokenizer, prefix.strip()) if prefix.strip() else []
-        length = int(adapter_option(config, "prompt_length")) or len(prefix_ids)
+        length = int(self.options.prompt_length) or len(prefix_ids)
         if length < 1:
             raise ValueError("prompt_length = 0 needs template words before the class name")
         self.starts_at_zero_shot = length == len(prefix_ids)

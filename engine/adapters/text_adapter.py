@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter
-from engine.adapters.clip_adapter import bottleneck_from_config
+from engine.adapters.clip_adapter import bottleneck_from_options
 
 
 @register_adapter
@@ -24,9 +24,9 @@ class TextAdapter(Adapter):
     kind = "text_adapter"
     needs_images = False
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
-        self.text_adapter = bottleneck_from_config(context.feature_dim, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
+        self.text_adapter = bottleneck_from_options(context.feature_dim, self.options)
         self.register_buffer("raw_text", context.class_text_features.detach().float().clone(), persistent=False)
 
     def forward(self, features: torch.Tensor) -> ClassScores:
@@ -44,10 +44,10 @@ class ImageTextAdapter(Adapter):
     kind = "both"
     needs_images = False
 
-    def __init__(self, context, config):
-        super().__init__(context, config)
-        self.image_adapter = bottleneck_from_config(context.feature_dim, config)
-        self.text_adapter = bottleneck_from_config(context.feature_dim, config)
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
+        self.image_adapter = bottleneck_from_options(context.feature_dim, self.options)
+        self.text_adapter = bottleneck_from_options(context.feature_dim, self.options)
         self.register_buffer("raw_text", context.class_text_features.detach().float().clone(), persistent=False)
 
     def forward(self, features: torch.Tensor) -> ClassScores:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from engine.options.strategies import AGGREGATIONS
 from engine.registry import Registry
 
 State = dict[str, torch.Tensor]
@@ -44,12 +45,9 @@ class Strategy:
     # "centralised": the runner pools all clients' train data into a single client.
     pools_data: ClassVar[bool] = False
 
-    def __init__(self, config: Any = None):
-        if config is None:  # the preset's defaults, so every knob has exactly one default value
-            from engine.presets import FederationSection
-
-            config = FederationSection()
-        self.config = config
+    def __init__(self, options: Any = None):
+        # The rule's own keys (engine/options/strategies.py); their defaults live only there.
+        self.options = options if options is not None else AGGREGATIONS.options_for(self.name)()
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:  # pragma: no cover
         """x_{t+1} from x_t (``global_state``) and this round's client models x_k^{t+1}."""
@@ -131,5 +129,5 @@ STRATEGIES = Registry("aggregation", "name")
 register_strategy = STRATEGIES.register
 
 
-def build_strategy(name: str, config: Any = None) -> Strategy:
-    return STRATEGIES.build(name, config)
+def build_strategy(name: str, options: Any = None) -> Strategy:
+    return STRATEGIES.build(name, options)

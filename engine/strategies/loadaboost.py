@@ -29,7 +29,7 @@ class LoAdaBoost(Strategy):
     name = "loadaboost"
 
     def extra_epochs(self, updates: list[ClientUpdate]) -> dict[str, int]:
-        budget = int(self.config.loadaboost_max_extra_epochs)
+        budget = int(self.options.loadaboost_max_extra_epochs)
         if not updates or budget <= 0:
             return {}
         threshold = median_of([u.loss for u in updates])

@@ -32,15 +32,13 @@ class FedProx(Strategy):
     def local_penalty(self, params: dict[str, torch.Tensor], global_state: State) -> torch.Tensor | None:
         """(mu/2) * sum over the shared tensors of ||w - x_t||^2; x_t is a constant (no gradient to it).
 
-        Shared tensors: those in ``params`` that are also in ``global_state`` and whose names do not start
-        with a ``federation.personal_layers`` prefix.
+        Shared tensors: those in ``params`` that are also in ``global_state``. Personal layers (FedPer) never
+        leave the client, so the runner passes neither their parameters nor a global value to pull them to.
         """
-        mu = float(self.config.mu)
+        mu = float(self.options.mu)
         if mu == 0.0:
             return None
-        # Personal layers (FedPer) never leave the client, so there is no global value to pull them to.
-        personal = tuple(getattr(self.config, "personal_layers", ()) or ())
-        shared = [name for name in params if name in global_state and not (personal and name.startswith(personal))]
+        shared = [name for name in params if name in global_state]
         if not shared:
             return None
         squared = sum(

@@ -49,7 +49,7 @@ class TrimmedMean(Strategy):
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         require_updates(updates, self.name)
         count = len(updates)
-        beta = float(self.config.trim_fraction)
+        beta = float(self.options.trim_fraction)
         cut = ceil_fraction(beta, count)
         if count - 2 * cut <= 0:
             raise ValueError(

@@ -32,13 +32,13 @@ class FedAvgM(Strategy):
 
     name = "fedavgm"
 
-    def __init__(self, config=None):
-        super().__init__(config)
+    def __init__(self, options=None):
+        super().__init__(options)
         self.velocity: State = {}
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         require_updates(updates, self.name)
-        beta, server_lr = float(self.config.server_momentum), float(self.config.server_lr)
+        beta, server_lr = float(self.options.server_momentum), float(self.options.server_lr)
         step: State = {}
         for key, delta in pseudo_gradient(global_state, updates).items():
             previous = self.velocity.get(key, torch.zeros_like(delta))
@@ -64,8 +64,8 @@ class AdaptiveServerOptimizer(Strategy):
     real update; they differ visibly only for large tau and tiny updates.
     """
 
-    def __init__(self, config=None):
-        super().__init__(config)
+    def __init__(self, options=None):
+        super().__init__(options)
         self.first_moment: State = {}
         self.second_moment: State = {}
 
@@ -74,8 +74,8 @@ class AdaptiveServerOptimizer(Strategy):
 
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:
         require_updates(updates, self.name)
-        config = self.config
-        eta, beta1, tau = float(config.eta), float(config.beta1), float(config.tau)
+        options = self.options
+        eta, beta1, tau = float(options.eta), float(options.beta1), float(options.tau)
         step: State = {}
         for key, delta in pseudo_gradient(global_state, updates).items():
             m_previous = self.first_moment.get(key, torch.zeros_like(delta))
@@ -105,7 +105,7 @@ class FedYogi(AdaptiveServerOptimizer):
     name = "fedyogi"
 
     def next_second_moment(self, previous: torch.Tensor, squared_delta: torch.Tensor) -> torch.Tensor:
-        beta2 = float(self.config.beta2)
+        beta2 = float(self.options.beta2)
         return previous - (1.0 - beta2) * squared_delta * torch.sign(previous - squared_delta)
 
 
@@ -116,5 +116,5 @@ class FedAdam(AdaptiveServerOptimizer):
     name = "fedadam"
 
     def next_second_moment(self, previous: torch.Tensor, squared_delta: torch.Tensor) -> torch.Tensor:
-        beta2 = float(self.config.beta2)
+        beta2 = float(self.options.beta2)
         return beta2 * previous + (1.0 - beta2) * squared_delta

@@ -1,8 +1,9 @@
 """The preset editor: the knobs people change most, validated as you type by engine.presets.
 
-Validation is exactly the headless path: the preset's dict (``Preset.to_dict()``) gets each field as
-a ``section.key=value`` override (``apply_overrides``, the same parser as ``--set``) and goes through
-``preset_from_dict``. A ``PresetError`` is shown under the field its ``.key`` names.
+Validation is exactly the headless path: the preset file's dict gets each field as a
+``section.key=value`` override (the same parser as ``--set``), is read relative to the preset file and
+resolved (``engine.resolve``). Every problem is shown: under the field its key names, or in the status
+line for keys the form does not show.
 """
 
 from __future__ import annotations
@@ -77,28 +78,28 @@ def merged_raw(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(base: dict[str, Any], values: dict[str, str], source: str):
-    """(preset or None, {knob key: message}, general message or None)."""
-    from engine.presets import PresetError, apply_overrides, preset_from_dict
+    """(preset or None, {knob key: message}, general message or None), by the same read-and-resolve as `fedtui run`.
 
-    errors: dict[str, str] = {}
-    for key, text in values.items():  # each knob alone: lets several fields show their error at once
-        try:
-            preset_from_dict(apply_overrides(base, [f"{key}={text}"]), source)
-        except PresetError as error:
-            if error.key == key:
-                errors[key] = error.message
-        except Exception as error:  # noqa: BLE001 - a validator crash is shown, never raised into the UI
-            errors[key] = f"{type(error).__name__}: {error}"
+    ``source`` is the preset file's path: relative data roots and weights are anchored to it, as they are
+    for ``fedtui run`` on that file, whatever folder the console was opened from.
+    """
+    from engine.presets import preset_from_raw
+    from engine.resolve import resolve
+    from engine.schema import PresetError
+
     try:
-        preset = preset_from_dict(apply_overrides(base, [f"{k}={v}" for k, v in values.items()]), source)
-        return (None if errors else preset), errors, None
+        return resolve(preset_from_raw(base, source, [f"{k}={v}" for k, v in values.items()])), {}, None
     except PresetError as error:
-        if error.key in values:
-            errors.setdefault(error.key, error.message)
-            return None, errors, None
-        return None, errors, str(error)
-    except Exception as error:  # noqa: BLE001
-        return None, errors, f"{type(error).__name__}: {error}"
+        errors: dict[str, str] = {}
+        general: list[str] = []
+        for problem in error.problems:
+            if problem.key in values:
+                errors.setdefault(problem.key, problem.message)
+            else:
+                general.append(f"[{problem.key}] {problem.message}" if problem.key else problem.message)
+        return None, errors, "\n".join(general) or None
+    except Exception as error:  # noqa: BLE001 - a validator crash is shown, never raised into the UI
+        return None, {}, f"{type(error).__name__}: {error}"
 
 
 class PresetForm(VerticalScroll):
