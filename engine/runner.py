@@ -7,6 +7,7 @@ it between batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -30,14 +31,18 @@ from engine.prepare import PreparedRun, prepare
 from engine.presets import Preset, to_toml
 from engine.runstore import RunStore, new_run_dir
 from engine.strategies import ClientUpdate, build_strategy
-from engine.training import make_optimizer, train_locally
+from engine.training import NonFiniteLoss, make_optimizer, train_locally
 
 State = dict[str, torch.Tensor]
 
 
+class RunDiverged(Exception):
+    """A loss or the adapter became non-finite: the run ends as "diverged" with its last finite checkpoint."""
+
+
 @dataclass
 class RunResult:
-    status: str  # "completed" | "stopped" | "failed"
+    status: str  # "completed" | "stopped" | "diverged" | "failed"
     run_dir: Path
     summary: dict[str, Any]
 
@@ -91,6 +96,10 @@ def _same_tensors(state: State, other: State | None) -> bool:
     return other is not None and state.keys() == other.keys() and all(state[k] is other[k] for k in state)
 
 
+def _finite(state: State) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
 def _norm(state: State) -> float:
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values()))) if state else 0.0
 
@@ -115,8 +124,10 @@ class _Session:
     # --- events and files ----------------------------------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
-        self.store.append_event(event)
-        self.sink(event)
+        try:
+            self.store.append_event(event)
+        finally:  # the UI hears of the event (and of a disk that filled up) even when the file cannot
+            self.sink(event)
 
     def log(self, level: str, text: str) -> None:
         self.emit(ev.Log(level=level, text=text, time=time.time()))
@@ -166,6 +177,7 @@ class _Session:
                     "fedtui": _fedtui_version(),
                 },
                 "host": platform.node(),
+                "pid": os.getpid(),  # with the host and heartbeat.json: a run without a summary is running or killed
                 **extra,
             }
         )
@@ -183,6 +195,10 @@ class _Session:
         except RunStopped:
             status = "stopped"
             self.log("warning", "stopped on request; the run directory holds everything up to the last round")
+        except RunDiverged as diverged:
+            return self._end_diverged(str(diverged))
+        except OSError as error:  # the disk filled up or the run directory became unwritable
+            return self._fail(f"cannot write {error.filename or self.store.dir}: {error.strerror or error}")
         except Exception as error:  # a failing run is reported, never raised into the UI thread
             return self._fail(f"{type(error).__name__}: {error}", traceback.format_exc())
         except BaseException:
@@ -196,11 +212,20 @@ class _Session:
 
     def _fail(self, message: str, trace: str = "") -> RunResult:
         summary = self.summary("failed", error=message)
-        self.store.write_json("summary.json", summary)
-        if trace:
-            self.store.write_text("error.txt", trace)
+        # Best effort: on a full disk these writes fail too, and the event still reaches the sink.
+        with contextlib.suppress(OSError):
+            self.store.write_json("summary.json", summary)
+            if trace:
+                self.store.write_text("error.txt", trace)
         self.emit(ev.RunFailed(error=message, traceback=trace, run_dir=str(self.store.dir)))
         return RunResult("failed", self.store.dir, summary)
+
+    def _end_diverged(self, message: str) -> RunResult:
+        self.log("error", f"diverged: {message}; checkpoints/last.safetensors is the last finite adapter")
+        summary = self.summary("diverged", error=message)
+        self.store.write_json("summary.json", summary)
+        self.emit(ev.RunFinished(status="diverged", summary=summary, run_dir=str(self.store.dir), seconds=summary["seconds"]))
+        return RunResult("diverged", self.store.dir, summary)
 
     def _run(self) -> None:
         preset, fed = self.preset, self.preset.federation
@@ -353,6 +378,8 @@ class _Federation:
             if accepted and self.shared_keys:
                 shared_global = {k: self.global_state[k] for k in self.shared_keys}
                 new_shared = self.strategy.aggregate(shared_global, accepted)
+                if not _finite(new_shared):
+                    self.diverged(f"the aggregated adapter ({fed.aggregation}) of round {round_} is not finite")
                 self.global_state.update({k: v.to(self.global_state[k].dtype) for k, v in new_shared.items()})
             losses = [loss for _, loss, _ in trained.values() if loss == loss]
             round_info = {
@@ -363,6 +390,7 @@ class _Federation:
             }
             if round_ % every == 0 or round_ == rounds:
                 self.evaluate(round_, **round_info)
+            self.s.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
         self.finish()
 
     def train_client(self, round_: int, name: str, epochs: int, start: State | None = None) -> tuple[State, float, int]:
@@ -382,14 +410,25 @@ class _Federation:
             if step == steps or step % 5 == 0:
                 self.s.emit(ev.ClientProgress(round=round_, client=name, step=step, steps=steps, loss=loss))
 
-        result = train_locally(
-            self.adapter, optimizer, self.inputs, self.data.labels, self.training_rows[name], self.preset.train,
-            epochs, self.scale, self.generators[name], penalty, self.s.control.checkpoint, on_step,
-        )
+        try:
+            result = train_locally(
+                self.adapter, optimizer, self.inputs, self.data.labels, self.training_rows[name], self.preset.train,
+                epochs, self.scale, self.generators[name], penalty, self.s.control.checkpoint, on_step,
+            )
+        except NonFiniteLoss as error:
+            self.diverged(f"client {name}, round {round_}: {error}")
+        state = self.adapter.trainable_state()
+        if not _finite(state):
+            self.diverged(f"client {name}, round {round_}: its adapter is not finite after local training")
         if keep_optimizer:
             self.optimizer_states[name] = optimizer.state_dict()
         self.client_seconds[name] = self.client_seconds.get(name, 0.0) + result.seconds
-        return self.adapter.trainable_state(), result.mean_loss, result.steps
+        return state, result.mean_loss, result.steps
+
+    def diverged(self, message: str):
+        """Keep the last finite global adapter as checkpoints/last, then end the run as diverged."""
+        self.save("last")
+        raise RunDiverged(message)
 
     def upload(self, round_: int, trained: dict[str, tuple[State, float, int]]):
         """Each client sends its shared update, compressed; the server rebuilds it from the real bytes."""

@@ -11,8 +11,10 @@ Whole files are written to a temporary name and renamed, so a crash never leaves
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import re
 import time
 from dataclasses import dataclass
@@ -23,9 +25,14 @@ from engine.events import Event, event_to_json
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write a temporary file and rename it; on failure (a full disk) no temporary file is left behind."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def new_run_dir(out_dir: str | Path, name: str, now: float | None = None) -> Path:
@@ -44,7 +51,8 @@ class RunStore:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        # Unbuffered: a line is in the file or, after a failed write, cut back; never half in a buffer.
+        self._metrics = open(self.dir / "metrics.jsonl", "ab", buffering=0)
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.dir / name
@@ -55,8 +63,17 @@ class RunStore:
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
     def append_event(self, event: Event) -> None:
-        self._metrics.write(event_to_json(event) + "\n")
-        self._metrics.flush()
+        """One whole line or nothing: a write that fails half-way (ENOSPC) is cut back, so the file still replays."""
+        line = (event_to_json(event) + "\n").encode("utf-8")
+        end = self._metrics.tell()
+        try:
+            written = 0
+            while written < len(line):
+                written += self._metrics.write(memoryview(line)[written:])
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._metrics.fileno(), end)
+            raise
 
     def save_checkpoint(self, name: str, state: dict[str, Any], metadata: dict[str, str]) -> Path:
         from safetensors.torch import save_file  # torch only when a run saves, not when the app lists runs
@@ -65,13 +82,18 @@ class RunStore:
         folder.mkdir(exist_ok=True)
         path = folder / f"{name}.safetensors"
         tmp = folder / f".{name}.tmp{os.getpid()}"
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     def close(self) -> None:
         if not self._metrics.closed:
-            self._metrics.close()
+            with contextlib.suppress(OSError):  # flushing nothing more on a full disk is not an error here
+                self._metrics.close()
 
 
 def _json_default(value: Any) -> Any:
@@ -80,6 +102,42 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def run_status(run_dir: Path, summary: dict[str, Any]) -> str:
+    """How a run ended: its summary's word, or for a run without one, "running" while its process lives and
+    "killed" once it does not (kill -9, a segfault, a power cut)."""
+    if summary.get("status"):
+        return summary["status"]
+    try:
+        manifest = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "killed"
+    if manifest.get("host") != platform.node() or not manifest.get("pid"):
+        # Another machine's run: trust its heartbeat for a while.
+        beat = _heartbeat(run_dir)
+        return "running" if beat and time.time() - beat < HEARTBEAT_STALE_SECONDS else "killed"
+    return "running" if _alive(int(manifest["pid"])) else "killed"
+
+
+HEARTBEAT_STALE_SECONDS = 600
+
+
+def _heartbeat(run_dir: Path) -> float | None:
+    try:
+        return float(json.loads((Path(run_dir) / "heartbeat.json").read_text(encoding="utf-8"))["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 @dataclass
@@ -106,5 +164,5 @@ def list_runs(out_dir: str | Path) -> list[RunInfo]:
     runs = []
     for path in sorted((p for p in root.iterdir() if (p / "metrics.jsonl").is_file()), reverse=True):
         summary = read_summary(path)
-        runs.append(RunInfo(path, summary.get("preset_name", path.name), summary.get("status", "unknown"), summary))
+        runs.append(RunInfo(path, summary.get("preset_name", path.name), run_status(path, summary), summary))
     return runs

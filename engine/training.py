@@ -29,6 +29,10 @@ def make_optimizer(adapter: Adapter, train: TrainSection) -> torch.optim.Optimiz
     )
 
 
+class NonFiniteLoss(ArithmeticError):
+    """Local training met a nan or inf loss; the runner names the client and round and ends the run as diverged."""
+
+
 def train_locally(
     adapter: Adapter,
     optimizer: torch.optim.Optimizer,
@@ -63,6 +67,9 @@ def train_locally(
             loss = loss_fn(scores, labels[chunk].to(device), scale)
             extra = penalty()
             total = loss if extra is None else loss + extra
+            if not torch.isfinite(total.detach()):
+                # Stepping on a non-finite loss would poison every parameter it touches, and then the average.
+                raise NonFiniteLoss(f"loss {float(total.detach())} at step {len(losses) + 1} of {total_steps}")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

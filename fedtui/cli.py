@@ -92,7 +92,9 @@ def run(
     finally:
         signal.signal(signal.SIGINT, previous)
         reporter.close()
-    if result.status == "failed":
+    if result.status == "diverged":  # a failure prints itself (RunFailed); divergence ends the run normally
+        err.print(f"[bold red]diverged:[/] {escape(str(result.summary.get('error', '')))}", soft_wrap=True)
+    if result.status in ("failed", "diverged"):
         raise typer.Exit(EXIT_FAILED)
     if result.status == "stopped":
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -135,7 +137,7 @@ def sweep(
         reporter.close()
     Console().print(sweep_table(rows))
     Console().print(f"table: {out_dir / 'sweep.csv'} (and sweep.jsonl)")
-    if any(r["status"] == "failed" for r in rows):
+    if any(r["status"] in ("failed", "diverged") for r in rows):
         raise typer.Exit(EXIT_FAILED)
     if control.stop_requested:
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -43,7 +43,7 @@ def list_runs(runs_dir: Path) -> list[RunRecord]:
 def read_record(path: Path, summary: dict[str, Any] | None = None) -> RunRecord:
     record = RunRecord(path=path, run_id=path.name)
     record.summary = summary if summary is not None else engine_runstore.read_summary(path)
-    record.status = str(record.summary.get("status", "incomplete"))
+    record.status = engine_runstore.run_status(path, record.summary)
     for event in read_events(path / "metrics.jsonl"):
         if isinstance(event, RunStarted):
             record.run_id, record.preset, record.rounds = event.run_id, event.preset_name, event.rounds
@@ -67,5 +67,5 @@ def replay(path: Path) -> RunState:
     state = RunState()
     state.apply_all(read_events(path / "metrics.jsonl"))
     if state.status in ("running", "starting"):
-        state.status = "incomplete"
+        state.status = engine_runstore.run_status(path, {})
     return state

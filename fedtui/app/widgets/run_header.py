@@ -8,7 +8,8 @@ from textual.widgets import Static
 from ..fmt import duration
 from ..state import RunState
 
-STATUS_MARK = {"running": "▶", "paused": "⏸", "stopping": "■", "completed": "✓", "stopped": "■", "failed": "✗"}
+STATUS_MARK = {"running": "▶", "paused": "⏸", "stopping": "■", "completed": "✓", "stopped": "■", "failed": "✗",
+               "diverged": "✗", "killed": "✗"}
 
 
 class RunHeader(Static):
@@ -27,7 +28,7 @@ class RunHeader(Static):
         text = Text.assemble(
             (name, "bold"),
             "  ",
-            (f"{mark} {state.status}", "reverse" if state.status in ("paused", "failed") else "bold"),
+            (f"{mark} {state.status}", "reverse" if state.status in ("paused", "failed", "diverged", "killed") else "bold"),
             f"  {rounds}  elapsed {duration(elapsed)}  ETA {duration(eta) if state.live else '-'}",
         )
         if state.run_id:

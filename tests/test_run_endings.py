@@ -1,0 +1,143 @@
+"""Every way a run can end leaves a run directory that says how: diverged, disk full, killed."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import events as ev, load_preset
+from engine.runner import run
+from engine.runstore import RunStore, list_runs, run_status
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+SHIPPED_CLIP = f"model.pretrained=local-dir:{REPO / 'engine' / 'assets' / 'fedtui-clip-tiny'}"
+
+
+def exploding(path):
+    """lr = 1e30 on the shipped CLIP: NaN within a round. The schema refuses such an lr; the Python API takes
+    a preset as given, which is how it reaches the engine."""
+    preset = load_preset(path, [SHIPPED_CLIP])
+    return dataclasses.replace(
+        preset, train=dataclasses.replace(preset.train, lr=1e30),
+        run=dataclasses.replace(preset.run, rounds=6),
+    )
+
+
+@pytest.mark.slow
+def test_non_finite_loss_ends_the_run_as_diverged_with_the_last_finite_checkpoint(tiny_preset_file):
+    from safetensors.torch import load_file
+
+    preset = exploding(tiny_preset_file)
+    seen: list = []
+    result = run(preset, seen.append)
+    assert result.status == "diverged"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert summary["error"].startswith("client ") and "round " in summary["error"]
+    assert summary["rounds_completed"] < 6
+    last = load_file(result.run_dir / "checkpoints" / "last.safetensors")
+    assert all(bool(t.isfinite().all()) for t in last.values())
+    finished = [e for e in seen if isinstance(e, ev.RunFinished)]
+    assert finished and finished[-1].status == "diverged"
+    assert any(isinstance(e, ev.Log) and e.level == "error" and "diverged" in e.text for e in seen)
+
+
+@pytest.mark.slow
+def test_diverged_run_in_a_fresh_process(tiny_preset_file, tmp_path):
+    script = (
+        "import sys; from engine.runner import run\n"
+        "from tests.test_run_endings import exploding\n"
+        f"sys.exit(0 if run(exploding({str(tiny_preset_file)!r})).status == 'diverged' else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_full_disk_never_leaves_a_torn_line_or_a_temp_file(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "run")
+    store.append_event(ev.Log(level="info", text="first", time=1.0))
+    real = store._metrics
+
+    class FillsUpHalfWay:
+        """The file as the kernel shows it when the disk fills mid-write: half the bytes land, then ENOSPC."""
+
+        def write(self, data):
+            real.write(bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(store, "_metrics", FillsUpHalfWay())
+    with pytest.raises(OSError):
+        store.append_event(ev.Log(level="info", text="second " * 50, time=2.0))
+    monkeypatch.undo()
+    store.close()
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and [e.text for e in ev.read_events(tmp_path / "run" / "metrics.jsonl")] == ["first"]
+
+    def enospc(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", enospc)
+    with pytest.raises(OSError):
+        store.write_json("summary.json", {"status": "completed"})
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.slow
+def test_run_on_a_full_disk_fails_with_one_message_and_no_temp_files(tiny_preset_file, monkeypatch):
+    from engine import runstore
+
+    preset = load_preset(tiny_preset_file)
+    real = runstore.RunStore.save_checkpoint
+
+    def full(self, name, state, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "checkpoints" / f"{name}.safetensors"))
+
+    monkeypatch.setattr(runstore.RunStore, "save_checkpoint", full)
+    seen: list = []
+    result = run(preset, seen.append)
+    monkeypatch.setattr(runstore.RunStore, "save_checkpoint", real)
+    assert result.status == "failed"
+    failed = [e for e in seen if isinstance(e, ev.RunFailed)]
+    assert len(failed) == 1 and "No space left on device" in failed[0].error and "\n" not in failed[0].error
+    assert not [p for p in result.run_dir.rglob(".*tmp*")]
+    assert ev.read_events(result.run_dir / "metrics.jsonl")[-1] == failed[0]
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_shows_as_killed(tiny_preset_file, tmp_path):
+    out = tmp_path / "killed-run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtui.cli", "run", str(tiny_preset_file), "--out", str(out), "--set", "run.rounds=400"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "heartbeat.json").exists():  # at least one round done
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert run_status(out, {}) == "running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "summary.json").exists()
+    assert run_status(out, {}) == "killed"
+    assert [r.status for r in list_runs(tmp_path)] == ["killed"]
+    assert json.loads((out / "manifest.json").read_text())["pid"] == proc.pid
+    assert os.path.exists(out / "metrics.jsonl")
