@@ -1,16 +1,53 @@
 """The event stream: what the engine tells its consumers while a run goes on.
 
 Every event is a frozen dataclass of plain JSON values. The run store writes each one as a line of
-``metrics.jsonl``; ``event_from_dict`` reads such a line back, so a finished run replays into the same
+``metrics.jsonl``; ``read_events`` reads such a file back, so a finished run replays into the same
 widgets that showed it live.
+
+Schema version
+    ``SCHEMA_VERSION`` counts changes to what a field *means* (or to a field's type). Adding an event
+    type or adding a field with a default does not change it. It is written once per file, as
+    ``RunStarted.schema`` on the first line, not as a key on every line: a metrics.jsonl holds exactly
+    one run, written by one process from its RunStarted on (each run gets a fresh directory; nothing
+    appends a second run to a file), so one declaration covers every line after it. Keeping it a field
+    of the event also means live consumers (the console, ``fedtui run``'s stream) see the version
+    without a wire-only key, and the thousands of ClientProgress lines do not repeat it. A file whose
+    RunStarted line is lost is read as the current schema under the rules below. A RunStarted without
+    ``schema`` was written before versioning and is schema 1 (field meanings were unchanged).
+    Readers accept every version up to ``SCHEMA_VERSION``; a newer one is read where it can be, with
+    a warning.
+
+Reading a line (``event_from_dict``; ``read_events`` applies it to every line), one rule per case:
+    1. The ``event`` name picks the class. An unknown name is not guessed: the line is skipped, with a
+       warning (it is most likely an event type a newer engine added).
+    2. A key that is no field of that class is ignored, with a warning counting the lines.
+    3. A missing field that has a default gets its default, silently: defaults are how fields are
+       added without breaking older files (e.g. ``RoundFinished.selected``).
+    4. A missing field without a default whose type admits ``None`` reads as ``None`` ("not known"),
+       with a warning.
+    5. Any other missing field, or a value whose JSON type does not fit the field (``"round": "3"``),
+       leaves the meaning unclear: the line is skipped, with a warning. (Only the outer JSON type is
+       checked: int, float (an int is accepted), str, bool, list, dict, null.)
+
+``read_events`` never raises for a damaged file (only ``OSError`` when it cannot be opened) and never
+drops a readable line. It skips silently only a torn last line: one without a trailing newline that is
+not JSON (the writer crashed mid-line). Blank lines are ignored. Every other line it cannot read is
+skipped and reported through its ``warnings`` list (grouped by message, with line numbers);
+``describe_read_warnings`` turns that list into the lines a console shows ("skipped 3 lines of
+metrics.jsonl: line 17: not JSON ...").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
+
+SCHEMA_VERSION = 1  # bump when a field's meaning or type changes; written once, in RunStarted (see above)
+UNVERSIONED_SCHEMA = 1  # what a RunStarted without "schema" (written before versioning) is read as
 
 
 @dataclass(frozen=True)
@@ -28,6 +65,7 @@ class RunStarted:
     trainable_parameters: int
     weights: str  # "pretrained:<tag>", "checkpoint:<path>" or "random"
     time: float
+    schema: int = SCHEMA_VERSION  # the file's schema version; see the module docstring
 
 
 @dataclass(frozen=True)
@@ -88,7 +126,9 @@ class RoundFinished:
     bytes_up: int
     bytes_down: int
     seconds: float
-    selected: bool  # this round's mean val accuracy strictly improved (the reference selection rule)
+    # the run's selection rule picked this round (best-val: its mean val accuracy strictly improved; last:
+    # every round). Files written before the field existed read as False: not marked, not "not selected".
+    selected: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,23 +165,11 @@ Event = (
     | RunFinished
     | RunFailed
 )
+
 EventSink = Callable[[Event], None]
 
-EVENT_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        RunStarted,
-        FeaturesProgress,
-        FeaturesReady,
-        RoundStarted,
-        ClientProgress,
-        ClientFinished,
-        RoundFinished,
-        Log,
-        RunFinished,
-        RunFailed,
-    )
-}
+# name -> class, derived from the union so the set of event types is written once (above)
+EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Event)}
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
@@ -152,33 +180,203 @@ def event_to_json(event: Event) -> str:
     return json.dumps(event_to_dict(event), sort_keys=False)
 
 
+# --- reading ------------------------------------------------------------------------------------------
+
+
+class UnreadableEvent(ValueError):
+    """A line whose meaning is not clear under the module docstring's rules: it is skipped."""
+
+
+@dataclass(frozen=True)
+class ReadWarning:
+    """Something ``read_events`` could not read as written: the same message on many lines is one warning.
+
+    ``skipped``: those lines were dropped; otherwise they were read, leniently (an ignored unknown field,
+    a missing field read as null, a newer schema).
+    """
+
+    lines: tuple[int, ...]  # 1-based line numbers in the file, in order
+    message: str
+    skipped: bool
+
+    @property
+    def line(self) -> int:
+        return self.lines[0]
+
+    def __str__(self) -> str:
+        return f"{_line_list(self.lines)}: {self.message}"
+
+
+def _line_list(lines: tuple[int, ...], shown: int = 5) -> str:
+    if len(lines) == 1:
+        return f"line {lines[0]}"
+    more = f" (+{len(lines) - shown} more)" if len(lines) > shown else ""
+    return "lines " + ", ".join(map(str, lines[:shown])) + more
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a JSON value's outer type fits a field's annotation (rule 5)."""
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_accepts(arg, value) for arg in typing.get_args(tp))
+    tp = origin or tp  # list[...] -> list, dict[...] -> dict
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
+
+
+def _admits_none(tp: Any) -> bool:
+    return tp is Any or _accepts(tp, None)
+
+
+def _build(data: Any) -> tuple[Event, list[str]]:
+    """An event from one decoded line and the lenient readings it needed; ``UnreadableEvent`` if none."""
+    if not isinstance(data, dict):
+        raise UnreadableEvent(f"not a JSON object but {type(data).__name__}")
+    kind = data.get("event")
+    if not isinstance(kind, str):
+        raise UnreadableEvent('no "event" name')
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise UnreadableEvent(f"unknown event {kind!r}")
+    hints = _hints(cls)
+    notes: list[str] = []
+    unknown = [key for key in data if key != "event" and key not in hints]
+    if unknown:
+        notes.append(f"{kind}: ignored unknown field(s) {', '.join(map(repr, unknown))}")
+    values: dict[str, Any] = {}
+    absent: list[str] = []
+    as_null: list[str] = []
+    for field in dataclasses.fields(cls):
+        if field.name in data:
+            value = data[field.name]
+            if not _accepts(hints[field.name], value):
+                raise UnreadableEvent(f"{kind}: field {field.name!r} is {_json_type(value)}, "
+                                      f"not {_type_name(hints[field.name])}")
+            values[field.name] = value
+        elif cls is RunStarted and field.name == "schema":
+            values[field.name] = UNVERSIONED_SCHEMA
+        elif field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
+            continue  # rule 3: the default
+        elif _admits_none(hints[field.name]):
+            values[field.name] = None
+            as_null.append(field.name)
+        else:
+            absent.append(field.name)
+    if absent:
+        raise UnreadableEvent(f"{kind}: missing field(s) {', '.join(map(repr, absent))}")
+    if as_null:
+        notes.append(f"{kind}: missing field(s) {', '.join(map(repr, as_null))} read as null")
+    return cls(**values), notes
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(
+        type(value), type(value).__name__)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
+
+
 def event_from_dict(data: dict[str, Any]) -> Event:
-    data = dict(data)
-    kind = data.pop("event")
-    try:
-        cls = EVENT_TYPES[kind]
-    except KeyError:
-        raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(EVENT_TYPES)}") from None
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    """One line's event under the module docstring's rules; ``ValueError`` (``UnreadableEvent``) when
+    its meaning is not clear. The lenient readings it made are not reported here: see ``read_events``."""
+    return _build(data)[0]
 
 
-def read_events(path) -> list[Event]:
-    """Events of a run's metrics.jsonl, in order; a torn last line (a crash mid-write) is ignored."""
+def read_events(path, *, warnings: list[ReadWarning] | None = None) -> list[Event]:
+    """Every readable event of a run's metrics.jsonl, in order.
+
+    A torn last line (a crash mid-write) is skipped silently; every other line that cannot be read is
+    skipped and, like every lenient reading, reported by appending ``ReadWarning``s to ``warnings`` when
+    it is given (ordered by first line). Raises only ``OSError``, when the file cannot be opened or read.
+    """
     events: list[Event] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
+    found: dict[tuple[str, bool], list[int]] = {}
+
+    def warn(number: int, message: str, skipped: bool) -> None:
+        found.setdefault((message, skipped), []).append(number)
+
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            complete = raw.endswith(b"\n")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if complete:
+                    warn(number, f"not UTF-8 text (byte {exc.start + 1})", True)
+                continue
+            if not text.strip():
                 continue
             try:
-                events.append(event_from_dict(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                data = json.loads(text)
+            except ValueError as exc:  # json.JSONDecodeError
+                if complete:
+                    detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                    warn(number, f"not JSON ({detail})", True)
                 continue
+            except Exception as exc:  # e.g. RecursionError on absurdly nested input: damaged, not fatal
+                warn(number, f"not JSON ({type(exc).__name__})", True)
+                continue
+            try:
+                event, notes = _build(data)
+            except UnreadableEvent as exc:
+                warn(number, str(exc), True)
+                continue
+            except Exception as exc:  # never raise for a damaged file
+                warn(number, f"could not be read ({type(exc).__name__}: {exc})", True)
+                continue
+            if isinstance(event, RunStarted) and event.schema > SCHEMA_VERSION:
+                warn(number, f"written with event schema {event.schema}, newer than this reader's "
+                             f"{SCHEMA_VERSION}: read what could be read", False)
+            for note in notes:
+                warn(number, note, False)
+            events.append(event)
+    if warnings is not None:
+        warnings.extend(sorted((ReadWarning(tuple(lines), message, skipped)
+                                for (message, skipped), lines in found.items()), key=lambda w: w.lines))
     return events
 
 
+def describe_read_warnings(warnings: list[ReadWarning], name: str = "metrics.jsonl") -> list[str]:
+    """What a console shows about ``read_events``' warnings: one line for the skipped lines, one for those
+    read leniently, none when there is nothing to say. E.g.
+    ``skipped 3 lines of metrics.jsonl: line 17: not JSON (...); lines 20, 31: unknown event 'Foo'``."""
+    texts = []
+    for skipped, verb in ((True, "skipped {} of {}"), (False, "read {} of {} leniently")):
+        chosen = [w for w in warnings if w.skipped is skipped]
+        if chosen:
+            count = len({n for w in chosen for n in w.lines})
+            lines = f"{count} line" + "s" * (count != 1)
+            texts.append(verb.format(lines, name) + ": " + "; ".join(map(str, chosen)))
+    return texts
+
+
 __all__ = [
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
     "ClientFinished",
     "ClientProgress",
     "Event",
@@ -186,11 +384,14 @@ __all__ = [
     "FeaturesProgress",
     "FeaturesReady",
     "Log",
+    "ReadWarning",
     "RoundFinished",
     "RoundStarted",
     "RunFailed",
     "RunFinished",
     "RunStarted",
+    "UnreadableEvent",
+    "describe_read_warnings",
     "event_from_dict",
     "event_to_dict",
     "event_to_json",
