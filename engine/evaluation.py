@@ -18,14 +18,18 @@ def accuracy(
     rows: np.ndarray,
     scale: float,
     batch_size: int = 1024,
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> float:
-    """Share of ``rows`` whose arg-max class logit is the label; NaN for an empty set."""
+    """Share of ``rows`` whose arg-max class logit is the label; NaN for an empty set.
+
+    ``checkpoint`` runs between batches, so a stop request is honoured while a large set is evaluated."""
     if len(rows) == 0:
         return float("nan")
     was_training = adapter.training
     adapter.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
+        checkpoint()
         batch = rows[start : start + batch_size]
         predicted = adapter(inputs(batch)).logits(scale).argmax(dim=1)
         correct += int((predicted.cpu() == labels[batch]).sum())

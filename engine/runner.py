@@ -479,13 +479,17 @@ class _Federation:
             if state is not None and not _same_tensors(state, loaded):
                 self.adapter.load_trainable_state(state)
                 loaded = state
+            check = self.s.control.checkpoint
             clients[name] = {
-                part: accuracy(model, inputs, labels, getattr(split, part), self.scale)
+                part: accuracy(model, inputs, labels, getattr(split, part), self.scale, checkpoint=check)
                 for part in ("train", "val", "test")
             }
         if not zero_shot and not _same_tensors(self.global_state, loaded):
             self.adapter.load_trainable_state(self.global_state)
-        holdout = {d: accuracy(model, inputs, labels, rows, self.scale) for d, rows in self.data.holdout.items()}
+        holdout = {
+            d: accuracy(model, inputs, labels, rows, self.scale, checkpoint=self.s.control.checkpoint)
+            for d, rows in self.data.holdout.items()
+        }
         return clients, holdout
 
     def evaluate(self, round_: int, zero_shot: bool = False, mean_loss=None, bytes_up=0, bytes_down=0, train_seconds=0.0):

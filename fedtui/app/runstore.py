@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import runstore as engine_runstore
-from engine.events import RoundFinished, RunFailed, RunFinished, RunStarted, read_events
+from engine.events import Log, RoundFinished, RunFailed, RunFinished, RunStarted, describe_read_warnings, read_events
 
 from .state import RunState
 
@@ -27,6 +27,7 @@ class RunRecord:
     seconds: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)  # (round, held-out or test accuracy)
     summary: dict[str, Any] = field(default_factory=dict)
+    read_warnings: list[str] = field(default_factory=list)  # lines of metrics.jsonl that could not be read
 
 
 def list_runs(runs_dir: Path) -> list[RunRecord]:
@@ -44,7 +45,10 @@ def read_record(path: Path, summary: dict[str, Any] | None = None) -> RunRecord:
     record = RunRecord(path=path, run_id=path.name)
     record.summary = summary if summary is not None else engine_runstore.read_summary(path)
     record.status = engine_runstore.run_status(path, record.summary)
-    for event in read_events(path / "metrics.jsonl"):
+    problems: list = []
+    events = read_events(path / "metrics.jsonl", warnings=problems)
+    record.read_warnings = describe_read_warnings(problems)
+    for event in events:
         if isinstance(event, RunStarted):
             record.run_id, record.preset, record.rounds = event.run_id, event.preset_name, event.rounds
         elif isinstance(event, RoundFinished):
@@ -65,7 +69,10 @@ def read_record(path: Path, summary: dict[str, Any] | None = None) -> RunRecord:
 
 def replay(path: Path) -> RunState:
     state = RunState()
-    state.apply_all(read_events(path / "metrics.jsonl"))
+    problems: list = []
+    state.apply_all(read_events(path / "metrics.jsonl", warnings=problems))
+    for text in describe_read_warnings(problems):  # said at the end of the replayed log, never dropped silently
+        state.apply(Log(level="warning", text=text, time=state.last_event_time or 0.0))
     if state.status in ("running", "starting"):
         state.status = engine_runstore.run_status(path, {})
     return state
