@@ -13,14 +13,14 @@ zero-shot accuracy there is the distribution shift that federated adapters are m
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import os
 import shutil
+import string
 import time
-import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,20 +30,16 @@ import torch
 
 from engine import modelzoo, synthetic
 from engine.captions import PLAIN_SHARE, ZERO_SHOT_TEMPLATE, caption, class_prompts
+from engine.presets import MAX_SEED, read_preset_toml
+from engine.schema import PresetError, Problems, build_section, knob, suggest
 
 RESUME_DIR = "resume"  # a sub-folder: open_clip's local-dir loader only looks at the top level
 RESUME_FILE = "state.json"  # written last: it names (and hashes) the tensors file that goes with it
 LEGACY_RESUME_FILE = "state.pt"  # the old pickled format: never loaded (unpickling can run any code)
 
-
-class PretrainPresetError(ValueError):
-    """A pre-training preset that cannot run: names the file, the key and what is allowed."""
-
-    def __init__(self, source: str, key: str | None, message: str):
-        self.source = source
-        self.key = key
-        where = f"{source}: [{key}]" if key else f"{source}:"
-        super().__init__(f"{where} {message}")
+# A pre-training preset is checked by the same kernel as a run preset (engine.schema), so its errors
+# read the same and list every problem at once. The old name stays for the code that raises it.
+PretrainPresetError = PresetError
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -51,47 +47,64 @@ class PretrainPresetError(ValueError):
 
 @dataclass(frozen=True)
 class RunSection:
-    name: str = "fedtui-clip-tiny"
-    description: str = ""
-    seed: int = 0
-    out_dir: str = "runs/pretrain/fedtui-clip-tiny"
-    threads: int = 0  # 0 keeps torch's default
-    fp16: bool = True  # weights file precision; training is always fp32
+    name: str = knob("fedtui-clip-tiny", help="recorded in the checkpoint's config")
+    description: str = knob("", help="one line about the recipe")
+    # One seed range for every fedtui config: a run preset's (numpy's legacy seeding stops at 2^32 - 1).
+    seed: int = knob(0, min=0, max=MAX_SEED)
+    out_dir: str = knob("runs/pretrain/fedtui-clip-tiny", help="checkpoint folder (--out overrides it)")
+    # More threads than a few per core only adds contention (the bound a run preset uses too).
+    threads: int = knob(0, min=0, max=1024, help="torch CPU threads; 0 keeps torch's default")
+    fp16: bool = knob(True, help="weights file precision; training is always fp32")
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = modelzoo.SHIPPED_ARCH
+    arch: str = knob(modelzoo.SHIPPED_ARCH, help="fedtui's own architecture or any open_clip name")
     # open_clip initialises word embeddings with std 0.02. In a narrow text tower every prompt then
     # starts as nearly the same feature, and contrastive training sits for hundreds of steps in a
     # collapsed plateau (all features equal, vanishing gradients); wider embeddings start it apart.
-    # 0 keeps open_clip's initialisation.
-    token_embedding_std: float = 0.5
+    # Past 10 (twenty times what ends the plateau) the words drown the positional embedding
+    # (std 0.01) that the tower reads word order from.
+    token_embedding_std: float = knob(0.5, min=0.0, max=10.0, help="word embedding init std; 0 keeps open_clip's")
 
 
 @dataclass(frozen=True)
 class CorpusSection:
-    domains: list[str] = field(default_factory=lambda: list(synthetic.COMMON_DOMAINS))
-    images: int = 24000
-    image_size: int = 64
-    plain_share: float = PLAIN_SHARE  # captions that only name the object (the rest add colour, size, place)
+    domains: list[str] = knob(list(synthetic.COMMON_DOMAINS), choices=list(synthetic.DOMAINS))
+    # The corpus is held in memory as bytes (12 KB an image at 64 px): a million is 12 GB of RAM and
+    # about a day of rendering on one core.
+    images: int = knob(24000, min=1, max=1_000_000, help="corpus size, balanced over domains and classes")
+    # It must equal the model's input size (checked below); 1024 stops a typo before that.
+    image_size: int = knob(64, min=8, max=1024)
+    # A share of the captions, so at most all of them.
+    plain_share: float = knob(
+        PLAIN_SHARE, min=0.0, max=1.0, help="captions that only name the object (the rest add colour, size, place)"
+    )
 
 
 @dataclass(frozen=True)
 class OptimSection:
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    grad_clip: float = 1.0  # 0 disables
+    # An epoch passes over the whole corpus (the shipped recipe takes 8): 1,000 at its size is days of CPU.
+    epochs: int = knob(4, min=1, max=1_000)
+    # CLIP's loss holds two batch x batch logit matrices: at 16,384 that is 2 GiB before activations.
+    batch_size: int = knob(64, min=2, max=16_384)
+    # AdamW moves each weight by about lr a step; at 1 a single step outweighs every initial weight.
+    lr: float = knob(1e-3, min=0.0, min_exclusive=True, max=1.0)
+    # AdamW multiplies each weight by 1 - lr x weight_decay a step; past 10 the weights are erased
+    # within a few hundred steps at any useful lr (and lr x weight_decay < 1 is checked below).
+    weight_decay: float = knob(0.1, min=0.0, max=10.0)
+    # A million steps is weeks of CPU training; a longer warm-up never reaches its peak lr.
+    warmup_steps: int = knob(100, min=0, max=1_000_000)
+    # No healthy run's gradient norm comes near 1e6; use 0 to disable clipping instead.
+    grad_clip: float = knob(1.0, min=0.0, max=1e6, help="max gradient norm; 0 disables")
 
 
 @dataclass(frozen=True)
 class EvalSection:
-    images_per_class: int = 30
-    seed: int = 1_000_003
-    template: str = ZERO_SHOT_TEMPLATE
+    # Rendered for every domain and class each run: 5,000 is 140,000 images (1.7 GB), as a run preset allows.
+    images_per_class: int = knob(30, min=1, max=5_000)
+    seed: int = knob(1_000_003, min=0, max=MAX_SEED, help="must differ from run.seed")  # as run.seed
+    template: str = knob(ZERO_SHOT_TEMPLATE, help="zero-shot prompt; {} is the class name")
 
 
 @dataclass(frozen=True)
@@ -108,104 +121,71 @@ class PretrainConfig:
         return self.corpus.images // self.optim.batch_size
 
 
-_SECTIONS = {"run": RunSection, "model": ModelSection, "corpus": CorpusSection, "optim": OptimSection, "eval": EvalSection}
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(source: str, key: str, value: Any, annotation: str) -> Any:
-    expected = {"int": int, "float": (int, float), "bool": bool, "str": str, "list[str]": list}[annotation]
-    is_bool = isinstance(value, bool)
-    if not isinstance(value, expected) or (is_bool and annotation in ("int", "float")):
-        raise PretrainPresetError(source, key, f"expected {annotation}, got {type(value).__name__} {value!r}")
-    if annotation == "float":
-        return float(value)
-    if annotation == "list[str]":
-        if not all(isinstance(v, str) for v in value):
-            raise PretrainPresetError(source, key, f"expected a list of strings, got {value!r}")
-        return list(value)
-    return value
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(PretrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PretrainConfig) if f.name != "source"}
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> PretrainConfig:
-    sections = {}
-    for name, body in data.items():
-        if name not in _SECTIONS:
-            raise PretrainPresetError(source, name, f"unknown section; allowed: {', '.join(_SECTIONS)}{_suggest(name, _SECTIONS)}")
-        if not isinstance(body, dict):
-            raise PretrainPresetError(source, name, "expected a table")
-        cls = _SECTIONS[name]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in body.items():
-            dotted = f"{name}.{key}"
-            if key not in fields:
-                raise PretrainPresetError(source, dotted, f"unknown key; allowed: {', '.join(fields)}{_suggest(key, fields)}")
-            values[key] = _coerce(source, dotted, value, fields[key].type)
-        sections[name] = cls(**values)
+    """Build the config from parsed TOML; every problem is collected, then raised as one PresetError."""
+    problems = Problems(source)
+    types = _section_types()
+    for name in data:
+        if name not in types:
+            problems.add(name, f"unknown section.{suggest(name, list(types))}")
+    sections = {name: build_section(cls, data.get(name, {}), problems, name) for name, cls in types.items()}
+    problems.raise_if_any()
     config = PretrainConfig(**sections, source=source)
-    _validate(config)
+    check_keys_together(config, problems)
+    problems.raise_if_any()
     return config
 
 
 def load_preset(path: str | Path) -> PretrainConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PretrainPresetError(str(path), None, "file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise PretrainPresetError(str(path), None, f"not valid TOML: {error}") from None
-    return config_from_dict(data, source=str(path))
+    """Read a pre-training preset: a missing, non-UTF-8 or invalid file reads as it does for a run preset."""
+    return config_from_dict(read_preset_toml(path), source=str(path))
 
 
-def _validate(config: PretrainConfig) -> None:
-    def fail(key: str, message: str):
-        raise PretrainPresetError(config.source, key, message)
-
-    c, o = config.corpus, config.optim
+def check_keys_together(config: PretrainConfig, problems: Problems) -> None:
+    """Checks that involve several keys, or the model's architecture, rather than one key's bounds."""
+    run, c, o, e = config.run, config.corpus, config.optim, config.eval
     if not c.domains:
-        fail("corpus.domains", f"needs at least one of {', '.join(synthetic.DOMAINS)}")
-    for domain in c.domains:
-        if domain not in synthetic.DOMAINS:
-            fail("corpus.domains", f"unknown domain {domain!r}; allowed: {', '.join(synthetic.DOMAINS)}{_suggest(domain, synthetic.DOMAINS)}")
+        problems.add("corpus.domains", f"needs at least one of {', '.join(synthetic.DOMAINS)}")
     if len(set(c.domains)) != len(c.domains):
-        fail("corpus.domains", "lists a domain twice")
-    for key, value, low in [
-        ("run.seed", config.run.seed, 0),
-        ("run.threads", config.run.threads, 0),
-        ("corpus.images", c.images, 1),
-        ("corpus.image_size", c.image_size, 8),
-        ("optim.epochs", o.epochs, 1),
-        ("optim.batch_size", o.batch_size, 2),
-        ("optim.warmup_steps", o.warmup_steps, 0),
-        ("eval.images_per_class", config.eval.images_per_class, 1),
-        ("eval.seed", config.eval.seed, 0),
-    ]:
-        if value < low:
-            fail(key, f"must be >= {low}, got {value}")
+        problems.add("corpus.domains", "lists a domain twice")
+    if not run.out_dir:
+        problems.add("run.out_dir", "must name a folder (an empty one would write into the current folder)")
     if c.images < o.batch_size:
-        fail("corpus.images", f"must be at least optim.batch_size ({o.batch_size}), got {c.images}")
-    if not math.isfinite(config.model.token_embedding_std) or config.model.token_embedding_std < 0:
-        fail("model.token_embedding_std", f"must be a finite number >= 0, got {config.model.token_embedding_std}")
-    if not 0.0 <= c.plain_share <= 1.0:
-        fail("corpus.plain_share", f"must be in [0, 1], got {c.plain_share}")
-    for key, value in [("optim.lr", o.lr), ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip)]:
-        if not math.isfinite(value) or value < 0 or (key == "optim.lr" and value == 0):
-            fail(key, f"must be a finite number {'> 0' if key == 'optim.lr' else '>= 0'}, got {value}")
-    if config.eval.seed == config.run.seed:
-        fail("eval.seed", "must differ from run.seed, or the evaluation images are training images")
-    if config.eval.template.count("{}") != 1:
-        fail("eval.template", f"needs exactly one {{}} for the class name, got {config.eval.template!r}")
+        problems.add("corpus.images", f"must be at least optim.batch_size ({o.batch_size}), got {c.images}")
+    if o.lr * o.weight_decay >= 1:
+        problems.add(
+            "optim.weight_decay",
+            f"optim.lr x optim.weight_decay must be < 1 (AdamW scales every weight by 1 minus it each step), "
+            f"got {o.lr * o.weight_decay:g}",
+        )
+    if e.seed == run.seed:
+        problems.add("eval.seed", "must differ from run.seed, or the evaluation images are training images")
+    try:  # exactly one automatic field, and it formats (as class_prompts will)
+        fields = [name for _, name, _, _ in string.Formatter().parse(e.template) if name is not None]
+        e.template.format("class")
+    except (IndexError, KeyError, ValueError):
+        fields = None
+    if fields != [""]:
+        problems.add(
+            "eval.template",
+            f"needs exactly one {{}} for the class name and no other braces (write {{{{ for a brace), "
+            f"got {e.template!r}",
+        )
     try:
         model_cfg = modelzoo.model_config(config.model.arch)
     except ValueError as error:
-        fail("model.arch", str(error))
-    if model_cfg["vision_cfg"]["image_size"] != c.image_size:
-        fail("corpus.image_size", f"must equal the model's image size ({model_cfg['vision_cfg']['image_size']}) for {config.model.arch}")
+        problems.add("model.arch", str(error))
+        return
+    size = model_cfg["vision_cfg"]["image_size"]
+    if size != c.image_size:
+        problems.add(
+            "corpus.image_size", f"must equal the model's image size ({size}) for {config.model.arch}, got {c.image_size}"
+        )
 
 
 # --- events ----------------------------------------------------------------------------------------------

@@ -70,15 +70,22 @@ class _Reporter:
             self.progress.console.print(f"[bold]{verb}[/] in {event.seconds:.0f} s -> {event.out_dir}")
 
 
+def _print_problems(err: Console, error) -> None:
+    """One line per problem (file, [key], message), never wrapped and never read as Rich markup."""
+    for problem in error.problems:
+        err.print(f"[bold red]error:[/] {escape(str(problem))}", soft_wrap=True)
+
+
 def pretrain_command(preset_path: str, out: str | None, resume: bool) -> int:
-    from engine.pretrain import PretrainPresetError, ResumeStateError, load_preset, pretrain
+    from engine.pretrain import ResumeStateError, load_preset, pretrain
+    from engine.schema import PresetError
 
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
         config = load_preset(preset_path)
-    except PretrainPresetError as error:
-        err.print(f"[bold red]error:[/] {error}")
+    except PresetError as error:  # every problem in the file, before anything is written
+        _print_problems(err, error)
         return EXIT_BAD_INPUT
 
     stop = threading.Event()
@@ -93,8 +100,8 @@ def pretrain_command(preset_path: str, out: str | None, resume: bool) -> int:
     try:
         with reporter.progress:
             pretrain(config, reporter, stop, out_dir=out, resume=resume)
-    except PretrainPresetError as error:
-        err.print(f"[bold red]error:[/] {error}")
+    except PresetError as error:  # a resume state made by another preset
+        _print_problems(err, error)
         return EXIT_BAD_INPUT
     except ResumeStateError as error:  # an old pickled or damaged resume state: refused before training
         err.print(f"[bold red]error:[/] {escape(str(error))}")

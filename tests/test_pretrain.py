@@ -1,5 +1,11 @@
+import dataclasses
 import json
+import math
+import os
+import subprocess
+import sys
 import threading
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,9 +20,11 @@ from engine.pretrain import (
     config_from_dict,
     evaluation_set,
     load_preset,
+    PretrainConfig,
     pretrain,
     zero_shot_accuracy,
 )
+from engine.schema import PresetError
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets" / "pretrain" / "tiny.toml"
@@ -68,12 +76,132 @@ def test_shipped_preset_is_valid_and_leaves_the_shifted_domain_out():
     assert config.eval.template == "a picture of a {}"
 
 
+# presets/pretrain/tiny.toml as the loader read it before it moved onto engine.schema: the shipped
+# checkpoint was trained from exactly this, and a resume compares it field by field.
+TINY_AS_LOADED_BEFORE = {
+    "run": {
+        "name": "fedtui-clip-tiny",
+        "description": "tiny ViT CLIP, contrastive pre-training on art_painting, cartoon and photo captions",
+        "seed": 0,
+        "out_dir": "runs/pretrain/fedtui-clip-tiny",
+        "threads": 2,
+        "fp16": True,
+    },
+    "model": {"arch": "fedtui-clip-tiny", "token_embedding_std": 0.5},
+    "corpus": {"domains": ["art_painting", "cartoon", "photo"], "images": 24000, "image_size": 64, "plain_share": 0.9},
+    "optim": {"epochs": 8, "batch_size": 64, "lr": 0.001, "weight_decay": 0.1, "warmup_steps": 100, "grad_clip": 1.0},
+    "eval": {"images_per_class": 30, "seed": 1000003, "template": "a picture of a {}"},
+}
+
+
+def test_shipped_preset_loads_to_the_same_config_as_before_the_schema_kernel():
+    config = load_preset(PRESET)
+    loaded = dataclasses.asdict(config)
+    assert loaded.pop("source") == str(PRESET)
+    assert loaded == TINY_AS_LOADED_BEFORE
+    for section, values in TINY_AS_LOADED_BEFORE.items():  # types too: 1.0 stays a float, 0 an int
+        for key, value in values.items():
+            got = getattr(getattr(config, section), key)
+            assert type(got) is type(value) and got == value, f"{section}.{key}"
+    assert config == PretrainConfig(**{s: type(getattr(config, s))(**v) for s, v in TINY_AS_LOADED_BEFORE.items()}, source=str(PRESET))
+
+
+def test_the_old_error_name_is_the_shared_preset_error():
+    assert PretrainPresetError is PresetError and issubclass(PresetError, ValueError)
+
+
+def test_every_number_is_bounded_above_and_below():
+    for section in dataclasses.fields(PretrainConfig):
+        if section.name == "source":
+            continue
+        cls = typing.get_type_hints(PretrainConfig)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float):
+                low, high = f.metadata.get("min"), f.metadata.get("max")
+                assert low is not None and high is not None, f"{section.name}.{f.name}"
+                assert math.isfinite(low) and math.isfinite(high) and low < high
+                default = f.default
+                assert low <= default <= high, f"{section.name}.{f.name}"
+
+
 def test_unknown_key_names_file_and_key_with_a_suggestion(tmp_path):
     path = _write(tmp_path, "[optim]\nlrr = 0.1\n")
     with pytest.raises(PretrainPresetError) as info:
         load_preset(path)
-    assert str(path) in str(info.value) and "optim.lrr" in str(info.value) and "'lr'" in str(info.value)
+    assert str(info.value) == (
+        f"{path}: [optim.lrr] unknown key. Did you mean 'lr'? "
+        "Allowed: batch_size, epochs, grad_clip, lr, warmup_steps, weight_decay."
+    )
     assert isinstance(info.value, ValueError)
+
+
+def test_every_problem_is_reported_at_once_in_the_run_presets_words(tmp_path):
+    path = _write(
+        tmp_path,
+        "[optim]\nepochs = 0\nbatch_size = 1000000\nlr = inf\n[corpus]\ndomains = ['photo', 'phto']\n[evall]\nseed = 1\n",
+    )
+    with pytest.raises(PresetError) as info:
+        load_preset(path)
+    lines = str(info.value).splitlines()
+    assert lines == [
+        f"{path}: [evall] unknown section. Did you mean 'eval'? Allowed: run, model, corpus, optim, eval.",
+        f"{path}: [corpus.domains] 'phto' is not allowed. Did you mean 'photo'? "
+        "Allowed: art_painting, cartoon, photo, sketch.",
+        f"{path}: [optim.epochs] must be >= 1, got 0",
+        f"{path}: [optim.batch_size] must be <= 16384, got 1000000",
+        f"{path}: [optim.lr] must be a finite number, got inf",
+    ]
+    assert [p.key for p in info.value.problems] == ["evall", "corpus.domains", "optim.epochs", "optim.batch_size", "optim.lr"]
+
+
+def test_checks_across_keys_are_reported_together(tmp_path):
+    path = _write(
+        tmp_path,
+        "[run]\nseed = 5\nout_dir = ''\n[eval]\nseed = 5\ntemplate = 'a {x} {}'\n"
+        "[corpus]\ndomains = []\nimages = 10\nimage_size = 32\n[optim]\nlr = 0.5\nweight_decay = 3\n",
+    )
+    with pytest.raises(PresetError) as info:
+        load_preset(path)
+    keys = [p.key for p in info.value.problems]
+    assert sorted(keys) == sorted(
+        ["corpus.domains", "run.out_dir", "corpus.images", "optim.weight_decay", "eval.seed", "eval.template", "corpus.image_size"]
+    )
+    assert all(str(p).startswith(f"{path}: [{p.key}] ") for p in info.value.problems)
+
+
+@pytest.mark.parametrize(
+    "template, ok",
+    [("a picture of a {}", True), ("{} {{braces}}", True), ("a {{}} {}", True), ("no class", False),
+     ("a {} and a {}", False), ("a {0}", False), ("a {x} {}", False), ("a { {}", False), ("a {!z}", False)],
+)
+def test_the_zero_shot_template_needs_exactly_one_automatic_field(template, ok):
+    raw = {"eval": {"template": template}}
+    if ok:
+        assert config_from_dict(raw).eval.template == template
+    else:
+        with pytest.raises(PresetError) as info:
+            config_from_dict(raw)
+        assert [p.key for p in info.value.problems] == ["eval.template"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, b"[optim]\nlr = \n", b"[run]\nname = \"caf\xe9\"\n"],
+    ids=["missing", "invalid-toml", "not-utf8"],
+)
+def test_a_file_that_cannot_be_read_reads_as_it_does_for_a_run_preset(tmp_path, content):
+    from engine.presets import read_preset_toml
+
+    path = tmp_path / "p.toml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(PresetError) as ours:
+        load_preset(path)
+    with pytest.raises(PresetError) as theirs:
+        read_preset_toml(path)
+    assert str(ours.value) == str(theirs.value) and str(path) in str(ours.value)
+    assert ours.value.problems == theirs.value.problems
 
 
 @pytest.mark.parametrize(
@@ -93,6 +221,39 @@ def test_bad_values_are_errors_naming_the_key(tmp_path, text, key):
     with pytest.raises(PretrainPresetError) as info:
         load_preset(_write(tmp_path, text))
     assert info.value.key == key
+
+
+def test_the_cli_prints_one_line_per_problem_and_exits_2_with_nothing_written(tmp_path):
+    """`fedtui pretrain <relative path>` from the repository root, on a copy of tiny.toml with three mistakes."""
+    out = tmp_path / "never-written"
+    text = PRESET.read_text(encoding="utf-8")
+    for old, new in [
+        ('out_dir = "runs/pretrain/fedtui-clip-tiny"', f"out_dir = {json.dumps(str(out))}"),
+        ("epochs = 8", "epochs = 0"),
+        ("batch_size = 64", "batch_size = 100000"),
+        ("lr = 1e-3", "lrr = 1e-3"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text, encoding="utf-8")
+    relative = os.path.relpath(bad, ROOT)
+    assert not os.path.isabs(relative)
+
+    env = {**os.environ, "COLUMNS": "60"}  # narrower than every line: a problem must still be one line
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtui", "pretrain", relative],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: {relative}: [optim.epochs] must be >= 1, got 0",
+        f"error: {relative}: [optim.batch_size] must be <= 16384, got 100000",
+        f"error: {relative}: [optim.lrr] unknown key. Did you mean 'lr'? "
+        "Allowed: batch_size, epochs, grad_clip, lr, warmup_steps, weight_decay.",
+    ]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml"]
 
 
 def _run(config, out, control=None, resume=False, on_event=None):
