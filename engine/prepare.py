@@ -57,8 +57,8 @@ def prepare(
     refs = [ref for domain in domains for ref in source.refs(domain)]
     if not refs:
         raise ValueError(f"no images found for domains {domains}")
-    cache = FeatureCache(default_cache_dir(preset.run.cache_dir), backbone)
-    encoded = encode_images(source, refs, backbone, cache, preset.model.encode_batch_size, checkpoint, progress)
+    with FeatureCache(default_cache_dir(preset.run.cache_dir), backbone, log) as cache:
+        encoded = encode_images(source, refs, backbone, cache, preset.model.encode_batch_size, checkpoint, progress)
     for location, reason in encoded.skipped:
         log("warning", f"skipped unreadable image {location}: {reason}")
     log("info", f"features: {encoded.encoded} encoded, {encoded.cached} from cache ({cache.path})")
