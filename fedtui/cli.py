@@ -190,12 +190,27 @@ def pretrain(
 
 
 def _open_console(preset: Path | None) -> int:
-    if preset is not None and not preset.is_file():
-        err.print(f"[bold red]error:[/] {escape(str(preset))}: no such preset file", soft_wrap=True)
-        return EXIT_BAD_INPUT
-    from fedtui.app import main as app_main
+    """Open the console; the exit code is 1 if it crashed (Textual prints the traceback), else 0.
 
-    return app_main(str(preset) if preset else None) or EXIT_OK
+    A preset named on the command line must read as TOML (UTF-8, parses, a regular file) or it is one
+    error line and exit 2, as for ``fedtui run``; one that reads but does not validate opens in the
+    editor with every problem shown, so it can be fixed there.
+    """
+    if preset is not None:
+        from fedtui.app.catalog import printable, read_toml
+
+        found = read_toml(preset)
+        if found.raw is None:
+            missing = not preset.exists() and not preset.is_symlink()
+            problem = "no such preset file" if missing else found.problem
+            err.print(f"[bold red]error:[/] {escape(printable(str(preset)))}: {escape(printable(problem or ''))}",
+                      soft_wrap=True)
+            return EXIT_BAD_INPUT
+    from fedtui.app.app import FedtuiApp
+
+    app = FedtuiApp(preset_path=preset)
+    app.run()
+    return app.return_code or EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> None:
