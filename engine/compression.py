@@ -72,6 +72,13 @@ class Codec:
     def decode(self, payload: bytes, like: State) -> State:
         return {k: v.to(like[k].device, like[k].dtype) for k, v in deserialize(payload).items()}
 
+    def state_tensors(self) -> State:
+        """What a resumed run needs back (top-k's residuals); nothing for stateless codecs."""
+        return {}
+
+    def load_state_tensors(self, tensors: State) -> None:
+        pass
+
     def roundtrip(self, client: str, delta: State) -> tuple[State, int]:
         """(the delta as the server reconstructs it, bytes on the wire)."""
         payload = self.encode(client, delta)
@@ -215,9 +222,14 @@ class TopK(Codec):
             out[key] = dense.reshape(reference.shape).to(reference.device)
         return out
 
-    def forget(self, client: str) -> None:
-        """Drop a client's residual (e.g. when the client leaves the federation)."""
-        self.residuals.pop(client, None)
+    def state_tensors(self) -> State:
+        return {f"{client}/{key}": value for client, memory in self.residuals.items() for key, value in memory.items()}
+
+    def load_state_tensors(self, tensors: State) -> None:
+        self.residuals = {}
+        for name, value in tensors.items():
+            client, key = name.split("/", 1)
+            self.residuals.setdefault(client, {})[key] = value
 
 
 def build_codec(name: str, options: Any = None) -> Codec:

@@ -66,6 +66,10 @@ class RunStarted:
     weights: str  # "pretrained:<tag>", "checkpoint:<path>" or "random"
     time: float
     schema: int = SCHEMA_VERSION  # the file's schema version; see the module docstring
+    selection: str = "best-val"  # the preset's eval.selection
+    adapter_bytes: int = 0  # one shared adapter update, serialised uncompressed
+    full_clip_bytes: int = 0  # the whole CLIP's weights, for the "x less than the model" comparison
+    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class ClientFinished:
     seconds: float
     bytes_up: int
     bytes_down: int
+    skipped: bool = False  # its update was below federation.skip_threshold and not sent
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,18 @@ class RoundFinished:
 
 
 @dataclass(frozen=True)
+class WiseEvaluated:
+    """WiSE-FT: theta_0 + a (theta - theta_0) evaluated after the last round (Wortsman et al.)."""
+
+    alpha: float
+    mean_test: float | None
+    mean_holdout: float | None
+    holdout: dict[str, float]
+    clients: dict[str, float]  # client -> test accuracy
+    model: str = "last"  # which theta: "last" (final round) or "selected" (the selection rule's round)
+
+
+@dataclass(frozen=True)
 class Log:
     level: str  # "info" | "warning" | "error"
     text: str
@@ -140,7 +157,7 @@ class Log:
 
 @dataclass(frozen=True)
 class RunFinished:
-    status: str  # "completed" | "stopped"
+    status: str  # "completed" | "stopped" | "diverged"
     summary: dict[str, Any]
     run_dir: str
     seconds: float
@@ -161,6 +178,7 @@ Event = (
     | ClientProgress
     | ClientFinished
     | RoundFinished
+    | WiseEvaluated
     | Log
     | RunFinished
     | RunFailed

@@ -1,8 +1,11 @@
-"""Run a preset: federated adapter rounds on cached features, streamed as events, stored as a run directory.
+"""Run a preset: the run's lifecycle around the federated rounds (``engine.federation``).
 
 ``run()`` blocks; call it from a worker thread to keep a UI alive. It never raises for a failing run
 (it emits ``RunFailed``, writes the summary and returns status "failed"); ``RunControl`` stops or pauses
-it between batches.
+it between batches. This module owns the run directory: the preset and manifest first, every event as
+it happens, the state after each round (``engine.run_state``), and the summary, a fold over the events
+(``engine.summary``) written however the run ends. ``resume=True`` continues a run directory from its
+last completed round; the result equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -17,27 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from engine import events as ev
 from engine.adapters import AdapterContext, build_adapter
-from engine.adapters.base import ZeroShotHead
 from engine.backbone import resolve_device
-from engine.compression import build_codec, serialized_nbytes
 from engine.control import RunControl, RunStopped
-from engine.evaluation import accuracy, nanmean, strictly_improved
-from engine.prepare import PreparedRun, prepare
+from engine.federation import Federation, RunDiverged, sample_cohort, seeded_generator
+from engine.prepare import prepare
 from engine.presets import Preset, to_toml
+from engine.run_state import ResumeError, load_round_state, save_round_state
 from engine.runstore import RunStore, new_run_dir
-from engine.strategies import ClientUpdate, build_strategy
-from engine.training import NonFiniteLoss, make_optimizer, train_locally
+from engine.strategies import build_strategy
+from engine.summary import RunSummary
 
-State = dict[str, torch.Tensor]
-
-
-class RunDiverged(Exception):
-    """A loss or the adapter became non-finite: the run ends as "diverged" with its last finite checkpoint."""
+__all__ = ["ResumeError", "RunDiverged", "RunResult", "default_threads", "run", "sample_cohort", "seeded_generator"]
 
 
 @dataclass
@@ -52,15 +49,30 @@ def run(
     sink: Callable[[ev.Event], None] | None = None,
     control: RunControl | None = None,
     run_dir: Path | None = None,
+    resume: bool = False,
 ) -> RunResult:
     control = control or RunControl()
+    if resume and run_dir is None:
+        raise ValueError("resume needs the run directory to continue")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(preset.run.out_dir, preset.run.name)
+    restored = load_round_state(run_dir) if resume else None  # a ResumeError is the caller's bad input
+    if resume:
+        _rewind_metrics(run_dir, restored.metrics_bytes if restored else 0)
     store = RunStore(run_dir)
-    session = _Session(preset, store, sink or (lambda event: None), control)
+    session = _Session(preset, store, sink or (lambda event: None), control, restored)
     try:
         return session.execute()
     finally:
         store.close()
+
+
+def _rewind_metrics(run_dir: Path, length: int) -> None:
+    """Drop what a killed run wrote after its last completed round, so the resumed file reads as one run."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists() and path.stat().st_size > length:
+        os.truncate(path, length)
+    for name in ("summary.json", "error.txt", "heartbeat.json"):
+        (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def default_threads() -> int:
@@ -70,94 +82,40 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def seeded_generator(*keys: int) -> torch.Generator:
-    """An independent random stream per purpose and client, so one client's draws never shift another's."""
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def sample_cohort(client_names: list[str], fraction: float, min_clients: int, seed: int, round_: int) -> list[str]:
-    """Flower's rule: max(int(C * K), min_clients) clients, drawn afresh each round from a seeded stream."""
-    count = min(len(client_names), max(int(fraction * len(client_names)), min_clients, 1))
-    if count == len(client_names):
-        return list(client_names)
-    rng = np.random.default_rng([seed, round_, 0xC0])
-    chosen = sorted(rng.choice(len(client_names), size=count, replace=False))
-    return [client_names[i] for i in chosen]
-
-
-def _split_keys(state: State, prefixes: list[str]) -> tuple[list[str], list[str]]:
-    personal = [k for k in state if any(k.startswith(p) for p in prefixes)]
-    return [k for k in state if k not in personal], personal
-
-
-def _same_tensors(state: State, other: State | None) -> bool:
-    """The very same tensor objects: loading ``state`` over ``other`` would change nothing."""
-    return other is not None and state.keys() == other.keys() and all(state[k] is other[k] for k in state)
-
-
-def _finite(state: State) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in state.values())
-
-
-def _norm(state: State) -> float:
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values()))) if state else 0.0
-
-
 class _Session:
-    def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl):
-        self.preset = preset
-        self.store = store
-        self.sink = sink
-        self.control = control
+    def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl, restored=None):
+        self.preset, self.store, self.sink, self.control = preset, store, sink, control
+        self.restored = restored
         self.started = time.time()
-        self.rounds: list[dict[str, Any]] = []
-        self.zero_shot: dict[str, Any] | None = None
-        self.selected: dict[str, Any] | None = None
-        self.best_val: float | None = None
         self.manifest: dict[str, Any] = {}
-        self.features_info: dict[str, Any] = {}
-        self.communication: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "skipped_updates": 0}
-        self.wise: list[dict[str, Any]] = []
-        self.planned_rounds = preset.run.rounds
+        self.fold = RunSummary(store.dir.name, preset.run.name, preset.run.rounds, preset.eval.selection)
+        # A resumed run's earlier events are in metrics.jsonl already: fold them in, do not write them again.
+        self.replaying = restored is not None
+        if restored is not None:
+            for event in ev.read_events(store.dir / "metrics.jsonl"):
+                self.fold.apply(event)
 
     # --- events and files ----------------------------------------------------------------------
 
     def emit(self, event: ev.Event) -> None:
+        self.fold.apply(event)
         try:
             self.store.append_event(event)
         finally:  # the UI hears of the event (and of a disk that filled up) even when the file cannot
             self.sink(event)
 
+    def tell(self, event: ev.Event) -> None:
+        """While a resumed run rebuilds what it had (encoding, the run's start), the UI hears it; the file has it."""
+        if self.replaying:
+            self.sink(event)
+        else:
+            self.emit(event)
+
     def log(self, level: str, text: str) -> None:
-        self.emit(ev.Log(level=level, text=text, time=time.time()))
+        self.tell(ev.Log(level=level, text=text, time=time.time()))
 
     def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
-        summary = {
-            "status": status,
-            "run_id": self.store.dir.name,
-            "preset_name": self.preset.run.name,
-            "rounds_planned": self.planned_rounds,
-            "rounds_completed": self.rounds[-1]["round"] if self.rounds else 0,
-            "seconds": round(time.time() - self.started, 3),
-            "selection": self.preset.eval.selection,
-            "zero_shot": self.zero_shot,
-            "selected": self.selected,
-            "final": self.rounds[-1] if self.rounds else None,
-            "generalisation_accuracy": (self.selected or {}).get("mean_holdout"),
-            "personalisation_accuracy": (self.selected or {}).get("mean_test"),
-            "per_round": [
-                {k: r[k] for k in ("round", "mean_val", "mean_test", "mean_holdout", "mean_loss", "bytes_up", "bytes_down", "seconds")}
-                for r in self.rounds
-            ],
-            "features": self.features_info,
-            "communication": self.communication,
-            "wise_ft": self.wise,
-            "weights": self.manifest.get("weights"),
-        }
-        if error is not None:
-            summary["error"] = error
-        return summary
+        return self.fold.as_dict(status, time.time() - self.started, error)
 
     def write_manifest(self, **extra: Any) -> None:
         import numpy
@@ -183,18 +141,29 @@ class _Session:
         )
         self.store.write_json("manifest.json", self.manifest)
 
+    def save_checkpoint(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        # One key: safetensors keeps metadata in a hash map whose order changes from process to process, and
+        # a checkpoint must be the same bytes whoever wrote it (a resumed run's equal an uninterrupted run's).
+        about = {"adapter": self.preset.adapter.kind, "run_id": self.store.dir.name, "preset": self.preset.to_dict()}
+        metadata = {"fedtui": json.dumps(about, sort_keys=True)}
+        self.store.save_checkpoint(name, state, metadata)
+
     # --- lifecycle -------------------------------------------------------------------------------
 
     def execute(self) -> RunResult:
         preset = self.preset
-        self.store.write_text("preset.toml", to_toml(preset))
         try:
+            if self.restored is None:
+                self.store.write_text("preset.toml", to_toml(preset))
+            else:
+                self.manifest.update(self.store.read_json("manifest.json"))
+                self.manifest.setdefault("resumed", []).append({"time": time.time(), "after_round": self.restored.round})
             self.write_manifest(device_requested=preset.run.device)
             self._run()
             status = "completed"
         except RunStopped:
             status = "stopped"
-            self.log("warning", "stopped on request; the run directory holds everything up to the last round")
+            self.log("warning", "stopped on request; `fedtui run --resume` continues from the last completed round")
         except RunDiverged as diverged:
             return self._end_diverged(str(diverged))
         except OSError as error:  # the disk filled up or the run directory became unwritable
@@ -203,7 +172,8 @@ class _Session:
             return self._fail(f"{type(error).__name__}: {error}", traceback.format_exc())
         except BaseException:
             # Ctrl-C without a graceful stop: leave a summary that says so, then let it propagate.
-            self.store.write_json("summary.json", self.summary("interrupted"))
+            with contextlib.suppress(OSError):
+                self.store.write_json("summary.json", self.summary("interrupted"))
             raise
         summary = self.summary(status)
         self.store.write_json("summary.json", summary)
@@ -217,7 +187,8 @@ class _Session:
             self.store.write_json("summary.json", summary)
             if trace:
                 self.store.write_text("error.txt", trace)
-        self.emit(ev.RunFailed(error=message, traceback=trace, run_dir=str(self.store.dir)))
+        with contextlib.suppress(OSError):
+            self.emit(ev.RunFailed(error=message, traceback=trace, run_dir=str(self.store.dir)))
         return RunResult("failed", self.store.dir, summary)
 
     def _end_diverged(self, message: str) -> RunResult:
@@ -233,16 +204,13 @@ class _Session:
         device = resolve_device(preset.run.device)
         strategy = build_strategy(fed.aggregation, fed.aggregation_options)
         rounds, epochs = strategy.schedule(preset.run.rounds, preset.train.local_epochs)
-        self.planned_rounds = rounds
 
         from engine.adapters.base import ADAPTERS
 
-        needs_images = getattr(ADAPTERS.get(preset.adapter.kind), "needs_images", False)
         data = prepare(
-            preset, device, self.log, self.control.checkpoint, needs_images,
-            progress=lambda done, total: self.emit(ev.FeaturesProgress(done=done, total=total)),
+            preset, device, self.log, self.control.checkpoint, ADAPTERS[preset.adapter.kind].needs_images,
+            progress=lambda done, total: self.tell(ev.FeaturesProgress(done=done, total=total)),
         )
-        self.features_info = {"encoded": data.encoded, "cached": data.cached, "seconds": round(data.encode_seconds, 3)}
 
         torch.manual_seed(preset.run.seed)  # the adapter's init, identical for every client
         context = AdapterContext(
@@ -264,8 +232,9 @@ class _Session:
             adapter=preset.adapter.kind,
             trainable_parameters=adapter.trainable_parameters(),
         )
-        federation = _Federation(self, data, adapter, strategy, epochs, device)
-        self.emit(
+        federation = Federation(preset, data, adapter, strategy, epochs, device, self.emit, self.control,
+                                self.save_checkpoint)
+        self.tell(
             ev.RunStarted(
                 run_id=self.store.dir.name,
                 run_dir=str(self.store.dir),
@@ -284,296 +253,36 @@ class _Session:
                 trainable_parameters=adapter.trainable_parameters(),
                 weights=data.backbone.weights,
                 time=time.time(),
+                selection=preset.eval.selection,
+                adapter_bytes=federation.adapter_bytes,
+                full_clip_bytes=sum(t.numel() * t.element_size() for t in data.backbone.model.state_dict().values()),
+                compression=fed.compression,
             )
         )
-        self.emit(
+        self.tell(
             ev.FeaturesReady(
                 encoded=data.encoded, cached=data.cached, seconds=data.encode_seconds, feature_dim=data.features.shape[1]
             )
         )
-        federation.run(rounds)
+        first_round = 1
+        if self.restored is not None:
+            federation.load_state(self.restored.tensors, self.restored.info)
+            first_round = self.restored.round + 1
+            self.log("info", f"resumed after round {self.restored.round} of {rounds}")  # said, not written:
+            self.replaying = False  # the file reads as one uninterrupted run
 
+        def after_round(round_: int) -> None:
+            tensors, info = federation.state()
+            save_round_state(self.store.dir, round_, tensors, info, self.store.metrics_bytes())
+            self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
 
-class _Federation:
-    """The rounds themselves: sample, train locally, compress, aggregate, evaluate."""
-
-    def __init__(self, session: _Session, data: PreparedRun, adapter, strategy, epochs: int, device: torch.device):
-        self.s = session
-        self.preset = session.preset
-        self.data = data
-        self.adapter = adapter
-        self.strategy = strategy
-        self.epochs = epochs
-        self.device = device
-        fed = self.preset.federation
-        self.codec = build_codec(fed.compression, fed.compression_options)
-        self.scale = data.backbone.logit_scale
-        self.theta_0 = adapter.trainable_state()
-        shared, personal = _split_keys(self.theta_0, fed.personal_layers)
-        if fed.personal_layers and not personal:
-            raise ValueError(
-                f"federation.personal_layers {fed.personal_layers} matches no adapter tensor; "
-                f"names: {', '.join(self.theta_0)}"
-            )
-        if getattr(strategy, "personalises_everything", False):
-            shared, personal = [], list(self.theta_0)
-        self.shared_keys, self.personal_keys = shared, personal
-        self.global_state: State = {k: v.clone() for k, v in self.theta_0.items()}
-        self.personal: dict[str, State] = {c.name: {k: self.theta_0[k].clone() for k in personal} for c in data.clients}
-        self.optimizer_states: dict[str, Any] = {}
-        self.client_seconds: dict[str, float] = {}  # training time of this round, until its upload
-        self.zero_shot_head = ZeroShotHead(data.text_features).to(device)
-        names = [c.name for c in data.clients]
-        self.generators = {name: seeded_generator(self.preset.run.seed, 1, i) for i, name in enumerate(names)}
-        self.clients = {c.name: c for c in data.clients}
-        if getattr(strategy, "pools_data", False):
-            pooled = np.concatenate([c.train for c in data.clients])
-            self.training_rows = {"pooled": pooled}
-            self.generators["pooled"] = seeded_generator(self.preset.run.seed, 2)
-        else:
-            self.training_rows = {c.name: c.train for c in data.clients}
-        shared_state = {k: self.global_state[k] for k in self.shared_keys}
-        self.s.communication.update(
-            {
-                "adapter_bytes": serialized_nbytes(shared_state) if shared_state else 0,
-                "full_clip_bytes": sum(t.numel() * t.element_size() for t in data.backbone.model.state_dict().values()),
-                "compression": fed.compression,
-            }
-        )
-
-    # --- inputs -----------------------------------------------------------------------------------
-
-    def inputs(self, rows: np.ndarray) -> torch.Tensor:
-        if self.data.pixels is not None:
-            return self.data.pixels[rows].to(self.device)
-        return self.data.features[rows]
-
-    def zero_shot_inputs(self, rows: np.ndarray) -> torch.Tensor:
-        return self.data.features[rows]
-
-    def client_state(self, name: str) -> State:
-        state = dict(self.global_state)
-        state.update(self.personal.get(name, {}))
-        return state
-
-    # --- rounds -----------------------------------------------------------------------------------
-
-    def run(self, rounds: int) -> None:
-        self.evaluate(0, zero_shot=True)
-        fed = self.preset.federation
-        trainers = list(self.training_rows)
-        every = self.preset.eval.every
-        for round_ in range(1, rounds + 1):
-            self.s.control.checkpoint()
-            started = time.perf_counter()
-            cohort = sample_cohort(trainers, fed.fraction, fed.min_clients, self.preset.run.seed, round_)
-            self.s.emit(ev.RoundStarted(round=round_, clients=cohort, time=time.time()))
-            trained = {name: self.train_client(round_, name, self.epochs) for name in cohort}
-            updates = [ClientUpdate(n, state, len(self.training_rows[n]), loss) for n, (state, loss, _) in trained.items()]
-            for name, extra in self.strategy.extra_epochs(updates).items():
-                if extra > 0:
-                    state, loss, steps = self.train_client(round_, name, extra, start=trained[name][0])
-                    trained[name] = (state, loss, trained[name][2] + steps)
-            accepted, bytes_up, bytes_down = self.upload(round_, trained)
-            if accepted and self.shared_keys:
-                shared_global = {k: self.global_state[k] for k in self.shared_keys}
-                new_shared = self.strategy.aggregate(shared_global, accepted)
-                if not _finite(new_shared):
-                    self.diverged(f"the aggregated adapter ({fed.aggregation}) of round {round_} is not finite")
-                self.global_state.update({k: v.to(self.global_state[k].dtype) for k, v in new_shared.items()})
-            losses = [loss for _, loss, _ in trained.values() if loss == loss]
-            round_info = {
-                "mean_loss": float(np.mean(losses)) if losses else None,
-                "bytes_up": bytes_up,
-                "bytes_down": bytes_down,
-                "train_seconds": time.perf_counter() - started,
-            }
-            if round_ % every == 0 or round_ == rounds:
-                self.evaluate(round_, **round_info)
-            self.s.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
-        self.finish()
-
-    def train_client(self, round_: int, name: str, epochs: int, start: State | None = None) -> tuple[State, float, int]:
-        """Train ``name`` from the global state (plus its personal part), return (state, mean loss, steps)."""
-        self.adapter.load_trainable_state(start if start is not None else self.client_state(name))
-        optimizer = make_optimizer(self.adapter, self.preset.train)
-        keep_optimizer = not self.preset.train.reset_optimizer_each_round
-        if keep_optimizer and name in self.optimizer_states:
-            optimizer.load_state_dict(self.optimizer_states[name])
-        trainable = {n: p for n, p in self.adapter.named_parameters() if p.requires_grad}
-        global_shared = {k: self.global_state[k] for k in self.shared_keys}
-
-        def penalty():
-            return self.strategy.local_penalty({k: trainable[k] for k in self.shared_keys}, global_shared)
-
-        def on_step(step: int, steps: int, loss: float) -> None:
-            if step == steps or step % 5 == 0:
-                self.s.emit(ev.ClientProgress(round=round_, client=name, step=step, steps=steps, loss=loss))
-
-        try:
-            result = train_locally(
-                self.adapter, optimizer, self.inputs, self.data.labels, self.training_rows[name], self.preset.train,
-                epochs, self.scale, self.generators[name], penalty, self.s.control.checkpoint, on_step,
-            )
-        except NonFiniteLoss as error:
-            self.diverged(f"client {name}, round {round_}: {error}")
-        state = self.adapter.trainable_state()
-        if not _finite(state):
-            self.diverged(f"client {name}, round {round_}: its adapter is not finite after local training")
-        if keep_optimizer:
-            self.optimizer_states[name] = optimizer.state_dict()
-        self.client_seconds[name] = self.client_seconds.get(name, 0.0) + result.seconds
-        return state, result.mean_loss, result.steps
-
-    def diverged(self, message: str):
-        """Keep the last finite global adapter as checkpoints/last, then end the run as diverged."""
-        self.save("last")
-        raise RunDiverged(message)
-
-    def upload(self, round_: int, trained: dict[str, tuple[State, float, int]]):
-        """Each client sends its shared update, compressed; the server rebuilds it from the real bytes."""
-        fed = self.preset.federation
-        accepted: list[ClientUpdate] = []
-        bytes_up_total = bytes_down_total = 0
-        shared_global = {k: self.global_state[k] for k in self.shared_keys}
-        down = serialized_nbytes(shared_global) if shared_global else 0
-        seconds = self.client_seconds
-        for name, (state, loss, steps) in trained.items():
-            if name in self.personal:
-                self.personal[name] = {k: state[k].clone() for k in self.personal_keys}
-            delta = {k: state[k] - shared_global[k] for k in self.shared_keys}
-            sent = 0
-            if delta:
-                relative = _norm(delta) / max(_norm(shared_global), 1e-12)
-                if fed.skip_threshold and relative < fed.skip_threshold:
-                    self.s.communication["skipped_updates"] += 1
-                else:
-                    decoded, sent = self.codec.roundtrip(name, delta)
-                    rebuilt = {k: shared_global[k] + decoded[k] for k in self.shared_keys}
-                    accepted.append(ClientUpdate(name, rebuilt, len(self.training_rows[name]), loss))
-            bytes_up_total += sent
-            bytes_down_total += down
-            self.s.emit(
-                ev.ClientFinished(
-                    round=round_, client=name, mean_loss=loss, examples=len(self.training_rows[name]), steps=steps,
-                    seconds=round(seconds.pop(name, 0.0), 4), bytes_up=sent, bytes_down=down,
-                )
-            )
-        self.s.communication["bytes_up"] += bytes_up_total
-        self.s.communication["bytes_down"] += bytes_down_total
-        return accepted, bytes_up_total, bytes_down_total
-
-    # --- evaluation ---------------------------------------------------------------------------------
-
-    def measure(self, state_for: Callable[[str], State], zero_shot: bool) -> tuple[dict, dict]:
-        labels = self.data.labels
-        if zero_shot:
-            model, inputs = self.zero_shot_head, self.zero_shot_inputs
-        else:
-            model, inputs = self.adapter, self.inputs
-        clients: dict[str, dict[str, float]] = {}
-        loaded: State | None = None
-        for name, split in self.clients.items():
-            state = None if zero_shot else state_for(name)
-            # Without personal layers every client sees the same state: load (and, for LoRA, merge) it once.
-            if state is not None and not _same_tensors(state, loaded):
-                self.adapter.load_trainable_state(state)
-                loaded = state
-            check = self.s.control.checkpoint
-            clients[name] = {
-                part: accuracy(model, inputs, labels, getattr(split, part), self.scale, checkpoint=check)
-                for part in ("train", "val", "test")
-            }
-        if not zero_shot and not _same_tensors(self.global_state, loaded):
-            self.adapter.load_trainable_state(self.global_state)
-        holdout = {
-            d: accuracy(model, inputs, labels, rows, self.scale, checkpoint=self.s.control.checkpoint)
-            for d, rows in self.data.holdout.items()
-        }
-        return clients, holdout
-
-    def evaluate(self, round_: int, zero_shot: bool = False, mean_loss=None, bytes_up=0, bytes_down=0, train_seconds=0.0):
-        started = time.perf_counter()
-        clients, holdout = self.measure(self.client_state, zero_shot)
-        if self.personal_keys and not zero_shot:
-            global_clients, _ = self.measure(lambda name: self.global_state, zero_shot=False)
-            for name, acc in clients.items():
-                acc["global_test"] = global_clients[name]["test"]
-        mean_val = nanmean(a["val"] for a in clients.values())
-        mean_test = nanmean(a["test"] for a in clients.values())
-        mean_holdout = nanmean(holdout.values())
-        selected = False
-        if not zero_shot:
-            rule = self.preset.eval.selection
-            selected = rule == "last" or strictly_improved(mean_val if mean_val is not None else -1.0, self.s.best_val)
-            if selected and rule == "best-val":
-                self.s.best_val = mean_val if mean_val is not None else -1.0
-        record = {
-            "round": round_,
-            "clients": clients,
-            "holdout": holdout,
-            "mean_val": mean_val,
-            "mean_test": mean_test,
-            "mean_holdout": mean_holdout,
-            "mean_loss": mean_loss,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "seconds": round(train_seconds + time.perf_counter() - started, 4),
-        }
-        if zero_shot:
-            self.s.zero_shot = record
-        else:
-            self.s.rounds.append(record)
-            if selected:
-                self.s.selected = record
-                self.save("best")
-        self.s.emit(
-            ev.RoundFinished(
-                round=round_, client_accuracy=clients, holdout_accuracy=holdout, mean_val=mean_val if mean_val is not None else float("nan"),
-                mean_test=mean_test if mean_test is not None else float("nan"), mean_holdout=mean_holdout, mean_loss=mean_loss,
-                bytes_up=bytes_up, bytes_down=bytes_down, seconds=record["seconds"], selected=selected,
-            )
-        )
-
-    def save(self, name: str, state: State | None = None) -> None:
-        state = state if state is not None else self.global_state
-        metadata = {"adapter": self.preset.adapter.kind, "run_id": self.s.store.dir.name, "preset": json.dumps(self.preset.to_dict())}
-        self.s.store.save_checkpoint(name, state, metadata)
-
-    def finish(self) -> None:
-        self.save("last")
-        alphas = list(self.preset.eval.wise_alphas)
-        final_alpha = self.preset.eval.wise_alpha
-        if not alphas and final_alpha == 1.0:
-            return
-        from engine.wise import interpolate
-
-        theta_1 = dict(self.global_state)
-        for alpha in sorted(set(alphas + [final_alpha])):
-            self.global_state = interpolate(self.theta_0, theta_1, alpha)
-            clients, holdout = self.measure(lambda name: self.global_state, zero_shot=False)
-            entry = {
-                "alpha": alpha,
-                "mean_test": nanmean(a["test"] for a in clients.values()),
-                "mean_holdout": nanmean(holdout.values()),
-                "holdout": holdout,
-                "clients": {n: a["test"] for n, a in clients.items()},
-            }
-            if alpha in alphas:
-                self.s.wise.append(entry)
-            if alpha == final_alpha and final_alpha != 1.0:
-                self.save("wise", self.global_state)
-                self.s.log("info", f"WiSE-FT final model at a = {alpha}: saved as checkpoints/wise.safetensors")
-        self.global_state = theta_1
-        for entry in self.s.wise:
-            holdout = "n/a" if entry["mean_holdout"] is None else f"{entry['mean_holdout']:.3f}"
-            self.s.log("info", f"WiSE-FT a={entry['alpha']:.2f}: mean test {entry['mean_test']:.3f}, held-out {holdout}")
+        federation.run(rounds, first_round, after_round)
 
 
 def _fedtui_version() -> str:
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         return version("fedtui")
-    except Exception:  # running from a source tree that was never installed
+    except PackageNotFoundError:  # running from a source tree that was never installed
         return "source"

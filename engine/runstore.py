@@ -62,6 +62,13 @@ class RunStore:
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.dir / name).read_text(encoding="utf-8"))
+
+    def metrics_bytes(self) -> int:
+        """How long metrics.jsonl is now: a resumed run cuts the file back to a round's end."""
+        return self._metrics.tell()
+
     def append_event(self, event: Event) -> None:
         """One whole line or nothing: a write that fails half-way (ENOSPC) is cut back, so the file still replays."""
         line = (event_to_json(event) + "\n").encode("utf-8")

@@ -59,16 +59,42 @@ def _claim_run_dir(loaded, out: Optional[Path]) -> Path:
         raise _bad_input(f"cannot create the run directory under {where}: {error.strerror or error}; nothing was written")
 
 
+def _resumable(run_dir: Path, preset: Optional[Path], overrides: list[str], out: Optional[Path]):
+    """The run directory's own preset, checked again; nothing about the run may change on the way."""
+    from engine.run_state import ResumeError, load_round_state
+    from engine.runstore import read_summary
+
+    if preset is not None or overrides or out is not None:
+        raise _bad_input("--resume continues a run exactly as it was: give no preset, --set or --out with it")
+    if not (run_dir / "preset.toml").is_file():
+        raise _bad_input(f"--resume {run_dir}: not a run directory (no preset.toml)")
+    if read_summary(run_dir).get("status") == "completed":
+        raise _bad_input(f"--resume {run_dir}: this run completed; nothing to continue")
+    try:
+        load_round_state(run_dir)
+    except ResumeError as error:
+        raise _bad_input(f"--resume {run_dir}: {error}")
+    return _load(run_dir / "preset.toml", []), run_dir
+
+
 @cli.command()
 def run(
-    preset: Path = typer.Argument(..., help="preset TOML file (see `fedtui presets`)"),
+    preset: Optional[Path] = typer.Argument(None, help="preset TOML file (see `fedtui presets`)"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set train.local_epochs=5 (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: <run.out_dir>/<time>-<name>)"),
     json_: bool = typer.Option(False, "--json", help="print one JSON event per line instead of progress"),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="continue a stopped, killed or crashed run directory from its last completed round"
+    ),
 ) -> None:
     """Run a preset headless: progress bar, one line per round, a summary table."""
-    loaded = _load(preset, set_)
-    out = _claim_run_dir(loaded, out)
+    if resume is not None:
+        loaded, out = _resumable(resume, preset, set_, out)
+    elif preset is None:
+        raise _bad_input("give a preset file (fedtui run presets/quickstart.toml) or --resume RUN_DIR")
+    else:
+        loaded = _load(preset, set_)
+        out = _claim_run_dir(loaded, out)
 
     from engine.control import RunControl
     from engine.runner import run as run_engine
@@ -84,7 +110,7 @@ def run(
 
     previous = signal.signal(signal.SIGINT, graceful_stop)
     try:
-        result = run_engine(loaded, reporter, control, run_dir=out)
+        result = run_engine(loaded, reporter, control, run_dir=out, resume=resume is not None)
     except KeyboardInterrupt:
         reporter.close()
         err.print("[red]aborted; the run directory's summary.json says 'interrupted'[/]")

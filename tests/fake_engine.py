@@ -22,6 +22,7 @@ if _ROOT not in sys.path:  # running pytest without an installed package or a py
     sys.path.insert(0, _ROOT)
 
 from engine.control import RunControl, RunStopped  # noqa: E402
+from engine.summary import RunSummary  # noqa: E402
 from engine.events import (  # noqa: E402
     ClientFinished,
     ClientProgress,
@@ -84,10 +85,13 @@ class FakeEngine:
             if handle:
                 handle.write(event_to_json(event) + "\n")
                 handle.flush()
+            fold.apply(event)
             sink(event)
 
         rounds = preset.run.rounds
         clients = self._clients(preset)
+        # The summary is the real engine's fold over these events, so it cannot drift from a real run's shape.
+        fold = RunSummary(self.run_id, preset.run.name, rounds, preset.eval.selection)
         summary: dict[str, Any] = {}
         best_val = -1.0
         try:
@@ -125,11 +129,11 @@ class FakeEngine:
                 event = self._evaluate(r, clients, sum(losses) / len(losses), best_val)
                 best_val = max(best_val, event.mean_val)
                 emit(event)
-            summary = {"rounds": rounds, "best_round": rounds, "best_val": best_val}
+            summary = fold.as_dict("completed", seconds=12.5)
             emit(RunFinished(status="completed", summary=summary, run_dir=shown_dir, seconds=12.5))
             status = "completed"
         except RunStopped:
-            summary = {"stopped": True}
+            summary = fold.as_dict("stopped", seconds=3.0)
             emit(RunFinished(status="stopped", summary=summary, run_dir=shown_dir, seconds=3.0))
             status = "stopped"
         except Exception as error:  # the real runner never raises for run errors either
@@ -137,12 +141,13 @@ class FakeEngine:
                            f"  File \"engine/runner.py\", line 1, in run\n{type(error).__name__}: {error}",
                            run_dir=shown_dir))
             status = "failed"
+            summary = fold.as_dict("failed", seconds=1.0, error=str(error))
         finally:
             if handle:
                 handle.close()
             self.finished.set()
         if run_dir is not None:
-            (run_dir / "summary.json").write_text(json.dumps({"status": status, **summary}), encoding="utf-8")
+            (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
         return FakeResult(status=status, run_dir=run_dir, summary=summary)
 
     @staticmethod

@@ -115,12 +115,12 @@ def test_pause_blocks_until_resume(tiny_preset_file):
 
 
 def test_a_crash_leaves_a_failed_summary_and_traceback(tiny_preset_file, monkeypatch):
-    import engine.runner as runner
+    import engine.federation as federation
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runner, "train_locally", broken)
+    monkeypatch.setattr(federation, "train_locally", broken)
     result, seen = collect(load_preset(tiny_preset_file))
     assert result.status == "failed"
     assert isinstance(seen[-1], ev.RunFailed) and "disk on fire" in seen[-1].error

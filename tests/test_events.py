@@ -30,6 +30,8 @@ SAMPLES: dict[str, ev.Event] = {
         holdout_accuracy={"sketch": 0.5}, mean_val=0.5, mean_test=0.25, mean_holdout=0.5, mean_loss=0.6,
         bytes_up=1024, bytes_down=2048, seconds=0.2, selected=True,
     ),
+    "WiseEvaluated": ev.WiseEvaluated(alpha=0.5, mean_test=0.75, mean_holdout=None, holdout={},
+                                      clients={"photo": 0.75}, model="selected"),
     "Log": ev.Log(level="warning", text="weights are RANDOM", time=1_700_000_000.5),
     "RunFinished": ev.RunFinished(status="completed", summary={"rounds_completed": 2, "selected": {"round": 1}},
                                   run_dir="runs/x", seconds=3.5),
@@ -229,3 +231,27 @@ def test_no_damage_makes_reading_raise(tmp_path):
     assert events == [SAMPLES["Log"], SAMPLES["Log"]]
     skipped = sorted(n for w in warnings if w.skipped for n in w.lines)
     assert skipped == list(range(2, 2 + len(nasty)))  # every bad line named, none silently
+
+
+@pytest.mark.slow
+def test_the_fake_engine_and_a_real_run_fold_into_the_same_summary_shape(tiny_preset_file, tmp_path):
+    """The console's tests drive a scripted engine; its summary must be the real fold's, key for key."""
+    from engine import load_preset
+    from engine.runner import run
+    from fake_engine import FakeEngine
+
+    preset = load_preset(tiny_preset_file)
+    real = run(preset).summary
+    fake = FakeEngine(out_dir=tmp_path / "runs", run_id="fake")(preset, lambda event: None).summary
+
+    def shape(value):
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items() if k not in ("clients", "holdout")}
+        if isinstance(value, list):
+            return [shape(value[0])] if value else []
+        return type(value).__name__ if value is not None else None
+
+    assert shape(fake).keys() == shape(real).keys()
+    assert shape(fake["per_round"]) == shape(real["per_round"])
+    assert fake["status"] == "completed" and fake["rounds_completed"] == preset.run.rounds
+    assert json.loads((tmp_path / "runs" / "fake" / "summary.json").read_text()) == fake

@@ -49,6 +49,16 @@ class Strategy:
         # The rule's own keys (engine/options/strategies.py); their defaults live only there.
         self.options = options if options is not None else AGGREGATIONS.options_for(self.name)()
 
+    # Server state a resumed run must get back: attributes holding {tensor name: tensor} (momentum, moments).
+    persistent: ClassVar[tuple[str, ...]] = ()
+
+    def state_tensors(self) -> State:
+        return {f"{attr}/{key}": value for attr in self.persistent for key, value in getattr(self, attr).items()}
+
+    def load_state_tensors(self, tensors: State) -> None:
+        for attr in self.persistent:
+            setattr(self, attr, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == attr})
+
     def aggregate(self, global_state: State, updates: list[ClientUpdate]) -> State:  # pragma: no cover
         """x_{t+1} from x_t (``global_state``) and this round's client models x_k^{t+1}."""
         raise NotImplementedError

@@ -32,6 +32,8 @@ class FedAvgM(Strategy):
 
     name = "fedavgm"
 
+    persistent = ("velocity",)
+
     def __init__(self, options=None):
         super().__init__(options)
         self.velocity: State = {}
@@ -63,6 +65,8 @@ class AdaptiveServerOptimizer(Strategy):
     paper. With Flower's tau = 1e-9 the two inits differ by 1e-18 in v, far below float precision of any
     real update; they differ visibly only for large tau and tiny updates.
     """
+
+    persistent = ("first_moment", "second_moment")
 
     def __init__(self, options=None):
         super().__init__(options)

@@ -1,0 +1,89 @@
+"""The federated state after each completed round, so a run can be resumed exactly where it stopped.
+
+    state/state.json                 round, selection memory, optimiser settings, the tensors file's name
+                                     and SHA-256, and how many bytes of metrics.jsonl that round ended at
+    state/tensors-<sha>.safetensors  global and personal adapters, server moments, codec residuals,
+                                     optimiser moments, every random stream
+
+Safetensors plus JSON, never pickle. The tensors file is named after its own hash and written before
+the JSON, each through a temporary file and a rename: a kill at any moment leaves the previous round's
+state whole (the JSON still names the previous tensors file, removed only after the new JSON is in place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from engine.runstore import write_atomic
+
+STATE_DIR = "state"
+STATE_FILE = "state.json"
+FORMAT = 1
+
+
+class ResumeError(ValueError):
+    """A run directory that cannot be resumed; the message says why and what to do."""
+
+
+@dataclass
+class RoundState:
+    round: int
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any]
+    metrics_bytes: int  # metrics.jsonl's length when this round's state was saved
+
+
+def save_round_state(run_dir: Path, round_: int, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                     metrics_bytes: int) -> None:
+    folder = Path(run_dir) / STATE_DIR
+    folder.mkdir(exist_ok=True)
+    blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    digest = hashlib.sha256(blob).hexdigest()
+    name = f"tensors-{digest[:16]}.safetensors"
+    target = folder / name
+    if not target.exists():
+        tmp = folder / f".{name}.tmp{os.getpid()}"
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    record = {"format": FORMAT, "round": round_, "tensors": name, "sha256": digest,
+              "metrics_bytes": metrics_bytes, "info": info}
+    write_atomic(folder / STATE_FILE, json.dumps(record, indent=1) + "\n")
+    for old in folder.glob("tensors-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def load_round_state(run_dir: Path) -> RoundState | None:
+    """The last completed round's state, None when the run never completed a round."""
+    folder = Path(run_dir) / STATE_DIR
+    path = folder / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("format") != FORMAT:
+            raise ResumeError(f"{path}: unknown state format {record.get('format')!r}")
+        name = str(record["tensors"])
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ResumeError(f"{path}: names an odd tensors file {name!r}")
+        blob = (folder / name).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != record["sha256"]:
+            raise ResumeError(f"{folder / name}: damaged (its SHA-256 does not match state.json)")
+        return RoundState(int(record["round"]), st_load(blob), record["info"], int(record["metrics_bytes"]))
+    except ResumeError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ResumeError(f"{path}: cannot be read ({type(error).__name__}: {error})") from None
