@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import string
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from engine.schema import (
     flatten,
     options_field,
     section_hints,
+    shown,
     suggest,
 )
 from engine.schema import knob as _knob
@@ -41,6 +43,7 @@ PRESETS_DIR = next(
     Path(__file__).resolve().parent.parent / "presets",
 )
 
+MAX_PRESET_BYTES = 1 << 20
 # numpy's legacy seeding (the reference code's np.random.seed) takes seeds below 2^32.
 MAX_SEED = 2**32 - 1
 
@@ -170,7 +173,7 @@ def preset_from_dict(raw: dict[str, Any], source: str = "<preset>") -> Preset:
     types = _section_types()
     for name in raw:
         if name not in types:
-            problems.add(name, f"unknown section.{suggest(name, list(types))}")
+            problems.add(shown(name), f"unknown section.{suggest(name, list(types))}")
     sections = {name: build_section(cls, raw.get(name, {}), problems, name) for name, cls in types.items()}
     problems.raise_if_any()
     preset = Preset(**sections, source=source)
@@ -188,12 +191,9 @@ def check_keys_together(preset: Preset, problems: Problems) -> None:
         problems.add("data.split", "the train fraction must be > 0")
     if len(train.betas) != 2 or not all(0 <= b < 1 for b in train.betas):
         problems.add("train.betas", f"expected two numbers in [0, 1), got {train.betas}")
-    try:
-        data.prompt_template.format("class")
-        if "{}" not in data.prompt_template:
-            problems.add("data.prompt_template", "must contain {} where the class name goes")
-    except (IndexError, KeyError, ValueError):
-        problems.add("data.prompt_template", "must contain exactly one {} and no other braces (write {{ for a brace)")
+    if not _one_plain_field(data.prompt_template):
+        problems.add("data.prompt_template", "must contain exactly one {} where the class name goes, and no other "
+                     "braces (write {{ or }} for a brace)")
     if len(set(data.domains)) != len(data.domains):
         problems.add("data.domains", "a domain is listed twice")
     if len(set(data.holdout)) != len(data.holdout):
@@ -202,6 +202,16 @@ def check_keys_together(preset: Preset, problems: Problems) -> None:
         problems.add("run.name", f"at most 100 characters (it names the run directory), got {len(preset.run.name)}")
     if preset.federation.min_clients > data.clients and data.partition != "domain":
         problems.add("federation.min_clients", f"more than data.clients = {data.clients}")
+
+
+def _one_plain_field(template: str) -> bool:
+    """Exactly one bare ``{}``: parsed, never formatted, so '{0.attr}' or a width of 10**18 cannot run."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:
+        return False
+    return fields == [("", "", None)]
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
@@ -224,11 +234,11 @@ def _parse_override_value(value: str, hint: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()]
     try:
         return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
         if typing.get_origin(hint) is list and not value.startswith("["):
             try:
                 return tomllib.loads(f"v = [{value}]")["v"]
-            except tomllib.TOMLDecodeError:
+            except (tomllib.TOMLDecodeError, ValueError, RecursionError):
                 pass
         return value  # coerce reports the type mismatch with the key's name
 
@@ -265,7 +275,11 @@ def read_preset_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise PresetError(str(path), None, "is a folder, not a preset file")
+    if path.exists() and not path.is_file():  # a pipe or a device would block or never end
+        raise PresetError(str(path), None, "is not a regular file")
     try:
+        if path.stat().st_size > MAX_PRESET_BYTES:
+            raise PresetError(str(path), None, f"is larger than {MAX_PRESET_BYTES // 1024} KiB; a preset is a few lines")
         data = path.read_bytes()
     except FileNotFoundError:
         raise PresetError(str(path), None, "no such preset file") from None
@@ -278,8 +292,10 @@ def read_preset_toml(path: str | Path) -> dict[str, Any]:
         raise PresetError(str(path), None, f"is not UTF-8 text (byte {error.start}, line {line}); save it as UTF-8") from None
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, ValueError) as error:  # ValueError: an integer of over 4,300 digits
         raise PresetError(str(path), None, f"not valid TOML: {error}") from None
+    except RecursionError:
+        raise PresetError(str(path), None, "not valid TOML: nested too deeply") from None
 
 
 def read_preset(path: str | Path, overrides: list[str] | None = None) -> Preset:
@@ -324,7 +340,7 @@ def resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 def _anchor(value: str, base: Path) -> str:
     try:
         path = Path(value).expanduser()
-    except RuntimeError:  # "~nobody/...": no such user; resolve reports the path as missing
+    except (RuntimeError, ValueError):  # "~nobody/..." (no such user) or a NUL byte: the schema reports it
         path = Path(value)
     return os.path.normpath(path if path.is_absolute() else base / path)
 

@@ -36,6 +36,11 @@ class PresetError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def shown(name: str) -> str:
+    """A key or section name as it is safe to print: odd characters (newlines, escape codes) in repr form."""
+    return name if name.isprintable() and not any(c.isspace() for c in name) else repr(name)
+
+
 @dataclass(frozen=True)
 class Problem:
     source: str
@@ -72,6 +77,15 @@ class Problems:
         if self.items:
             first = self.items[0]
             raise PresetError(first.source, first.key, first.message, list(self.items))
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` for a message, safe for any value TOML can hold (a 5,000-digit integer has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 class BadValue(Exception):
@@ -181,33 +195,33 @@ def coerce(value: Any, hint: Any) -> Any:
     if origin is list:
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise BadValue(f"expected a list of {item_hint.__name__}, got {value!r}")
+            raise BadValue(f"expected a list of {item_hint.__name__}, got {brief(value)}")
         return [coerce(v, item_hint) for v in value]
     if hint is bool:
         if not isinstance(value, bool):
-            raise BadValue(f"expected true or false, got {value!r}")
+            raise BadValue(f"expected true or false, got {brief(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise BadValue(f"expected an integer, got {value!r}")
+            raise BadValue(f"expected an integer, got {brief(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadValue(f"expected a number, got {value!r}")
+            raise BadValue(f"expected a number, got {brief(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer beyond float's range
-            raise BadValue(f"must be a finite number, got {value!r}") from None
+            raise BadValue(f"must be a finite number, got {brief(value)}") from None
         if not math.isfinite(number):
-            raise BadValue(f"must be a finite number, got {value!r}")
+            raise BadValue(f"must be a finite number, got {brief(value)}")
         return number
     if hint is str:
         if not isinstance(value, str):
-            raise BadValue(f"expected a string, got {value!r}")
+            raise BadValue(f"expected a string, got {brief(value)}")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates from a non-UTF-8 command line
-            raise BadValue(f"is not valid UTF-8 text: {value!r}") from None
+            raise BadValue(f"is not valid UTF-8 text: {brief(value)}") from None
         if "\x00" in value:
             raise BadValue("contains a NUL character")
         return value
@@ -221,22 +235,22 @@ def check_bounds(value: Any, meta: dict) -> None:
     values = value if isinstance(value, list) else [value]
     for item in values:
         if choices is not None and item not in choices:
-            raise BadValue(f"{item!r} is not allowed.{suggest(str(item), list(choices))}")
+            raise BadValue(f"{brief(item)} is not allowed.{suggest(str(item), list(choices))}")
     low, high = meta.get("min"), meta.get("max")
     for item in values:
         if low is not None:
             too_low = item <= low if meta.get("min_exclusive") else item < low
             if too_low:
                 relation = ">" if meta.get("min_exclusive") else ">="
-                raise BadValue(f"must be {relation} {low}, got {item!r}")
+                raise BadValue(f"must be {relation} {low}, got {brief(item)}")
         if high is not None and item > high:
-            raise BadValue(f"must be <= {high}, got {item!r}")
+            raise BadValue(f"must be <= {high}, got {brief(item)}")
 
 
 def build_section(cls: type, raw: Any, problems: Problems, section: str) -> Any:
     """``cls(**raw)`` with every key checked; problems go to ``problems``. Returns None if any key was bad."""
     if not isinstance(raw, dict):
-        problems.add(section, f"expected a table [{section}], got {raw!r}")
+        problems.add(section, f"expected a table [{section}], got {brief(raw)}")
         return None
     hints = typing.get_type_hints(cls)
     plain = {f.name: f for f in dataclasses.fields(cls) if "options_of" not in f.metadata}
@@ -284,7 +298,7 @@ def build_section(cls: type, raw: Any, problems: Problems, section: str) -> Any:
             )
         else:
             known = sorted(set(plain) | {k for c in components.values() for k in c.all_keys()})
-            problems.add(f"{section}.{key}", f"unknown key.{suggest(key, known)}")
+            problems.add(f"{section}.{shown(key)}", f"unknown key.{suggest(key, known)}")
     if len(problems.items) > before:
         return None
     return cls(**values)

@@ -178,7 +178,7 @@ def check(
     from engine.presets import to_toml
 
     loaded = _load(preset, set_)
-    Console(highlight=False).print(escape(to_toml(loaded)), end="")
+    sys.stdout.write(to_toml(loaded))  # plain text, never wrapped or styled: `fedtui check p.toml > r.toml` works
     err.print(f"[green]ok:[/] {escape(str(preset))} can run")
 
 

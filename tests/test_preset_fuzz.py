@@ -18,8 +18,7 @@ file; (c) ``fedtui check`` on a rejected preset exits 2, prints the problems, wr
 The default run is a few hundred cases per property (about 20 s); ``pytest -m slow tests/test_preset_fuzz.py -s``
 runs thousands and prints how many were accepted and rejected (``FEDTUI_FUZZ_EXAMPLES`` sets how many).
 
-Known bugs of the schema are tested one by one below (``xfail(strict=True)``) and kept out of the properties
-by ``known_bug`` so that the properties keep guarding everything else; remove both when they are fixed.
+Bugs the fuzzing and a read of the schema found have a regression test each at the end.
 """
 
 from __future__ import annotations
@@ -351,39 +350,6 @@ def same(a: typing.Any, b: typing.Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Known bugs (see the xfail tests at the end): kept out of the properties until they are fixed
-
-
-def _format_crashes(template: str) -> bool:
-    if re.search(r"\d{7,}", template):  # a huge width would allocate gigabytes just to check it
-        return True
-    try:
-        template.format("class")
-    except (IndexError, KeyError, ValueError):
-        return False
-    except Exception:  # noqa: BLE001 - AttributeError, TypeError, MemoryError: the bug
-        return True
-    return False
-
-
-def _tilde_nul(value: typing.Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    value = value.removeprefix("local-dir:")
-    return value.startswith("~") and "\x00" in value
-
-
-def known_bug(raw: dict, via_file: bool) -> str | None:
-    data, model = raw.get("data"), raw.get("model")
-    if isinstance(data, dict) and isinstance(data.get("prompt_template"), str) and _format_crashes(data["prompt_template"]):
-        return "prompt_template: str.format raises what the schema does not catch"
-    if via_file and ((isinstance(data, dict) and _tilde_nul(data.get("root")))
-                     or (isinstance(model, dict) and _tilde_nul(model.get("pretrained")))):
-        return "a '~' path with a NUL: _anchor's expanduser raises ValueError"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -422,9 +388,6 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 def check_never_crashes(raw: dict) -> str:
     """Property (a) on one preset: returns 'accepted' or 'rejected'."""
-    if known_bug(raw, via_file=True):
-        event("skipped: known bug")
-        return "known-bug"
     note(f"raw = {raw!r}")
     from_dict, error = outcome(lambda: preset_from_dict(raw))
     text = dump(raw)
@@ -488,22 +451,7 @@ def overrides(draw) -> list[str]:
     return [one() for _ in range(draw(st.integers(0, 4)))]
 
 
-def _override_known_bug(items: list[str]) -> bool:
-    for text in items:
-        dotted, _, value = text.partition("=")
-        dotted, value = dotted.strip(), value.strip()
-        if dotted == "data.prompt_template" and _format_crashes(value):
-            return True
-        if dotted in ("data.root", "model.pretrained") and _tilde_nul(value):
-            return True
-    return False
-
-
 def property_set(raw, items):
-    if _override_known_bug(items) or known_bug(raw, via_file=True):
-        event("skipped: known bug")
-        COUNTS["set:known-bug"] += 1
-        return
     with tempfile.TemporaryDirectory() as tmp:
         path = write(Path(tmp), "p.toml", dump(raw))
         _, error = outcome(lambda: read_preset(path, items))
@@ -516,18 +464,12 @@ def property_set(raw, items):
 
 
 def property_b(raw):
-    if known_bug(raw, via_file=True):
-        COUNTS["b:known-bug"] += 1
-        return
     verdict = "round-tripped" if check_round_trip(raw) else "rejected"
     event(verdict)
     COUNTS["b:" + verdict] += 1
 
 
 def property_b_noisy(raw):
-    if known_bug(raw, via_file=True):
-        COUNTS["b-noisy:known-bug"] += 1
-        return
     verdict = "round-tripped" if check_round_trip(raw) else "rejected"
     event(verdict)
     COUNTS["b-noisy:" + verdict] += 1
@@ -557,8 +499,6 @@ def _printable(line: str) -> bool:  # what Rich prints unchanged (it turns :name
 @settings(DEFAULT, max_examples=20)
 @given(noisy_raw())
 def test_check_refuses_a_rejected_preset_and_writes_nothing(raw):
-    if known_bug(raw, via_file=True):
-        return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = write(folder, "p.toml", dump(raw))
@@ -602,72 +542,50 @@ def test_thousands_of_presets(thorough, name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Known bugs, one test each (strict: fixing one turns its test red until the xfail mark is removed)
+# Bugs found while fuzzing, one regression test each
 
 
 def _raises_only_preset_error(call) -> None:
     outcome(call)
 
 
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, raises=(ValueError, AttributeError, TypeError, MemoryError, RecursionError),
-                             reason=reason)
-
-
-@_xfail("engine/schema.py coerce/check_bounds/build_section format the value with {!r}; repr() of an int of more than "
-        "4300 digits raises ValueError (int string conversion limit)")
 @pytest.mark.parametrize("raw", [{"train": {"lr": 10**5000}}, {"run": {"seed": 10**5000}}, {"run": 10**5000}],
                          ids=["float-key", "int-key", "section"])
-def test_bug_huge_int_in_a_dict(raw):
+def test_regression_huge_int_in_a_dict(raw):
     _raises_only_preset_error(lambda: preset_from_dict(raw))
 
 
-@_xfail("engine/presets.py read_preset_toml catches only TOMLDecodeError; tomllib raises a plain ValueError for an "
-        "integer literal of more than 4300 digits")
-def test_bug_huge_int_literal_in_a_file(tmp_path):
+def test_regression_huge_int_literal_in_a_file(tmp_path):
     path = write(tmp_path, "p.toml", "[run]\nseed = " + "1" * 5000 + "\n")
     _raises_only_preset_error(lambda: read_preset(path))
 
 
-@_xfail("engine/presets.py _parse_override_value catches only TOMLDecodeError from tomllib; a plain ValueError "
-        "(more than 4300 digits) escapes from --set")
-def test_bug_huge_int_in_a_set(tmp_path):
+def test_regression_huge_int_in_a_set(tmp_path):
     path = write(tmp_path, "p.toml", "")
     _raises_only_preset_error(lambda: read_preset(path, ["run.seed=" + "1" * 5000]))
 
 
-@_xfail("engine/presets.py read_preset_toml: tomllib raises RecursionError on arrays nested about 1000 deep")
-def test_bug_deeply_nested_array(tmp_path):
+def test_regression_deeply_nested_array(tmp_path):
     path = write(tmp_path, "p.toml", "[train]\nbetas = " + "[" * 3000 + "]" * 3000 + "\n")
     _raises_only_preset_error(lambda: read_preset(path))
 
 
-@_xfail("engine/presets.py check_keys_together catches IndexError, KeyError and ValueError from "
-        "prompt_template.format('class'), but '{0.nope}' raises AttributeError, '{0[x]}' TypeError and a width of "
-        "9e18 MemoryError (a width of 1e9 allocates a 1 GB string just to check the template)")
 @pytest.mark.parametrize("template", ["a {0.nope}", "a {0[x]}", "a {:9000000000000000000}"],
                          ids=["attribute", "index", "huge-width"])
-def test_bug_prompt_template_format_fields(template):
+def test_regression_prompt_template_format_fields(template):
     _raises_only_preset_error(lambda: preset_from_dict({"data": {"prompt_template": template}}))
 
 
-@_xfail("engine/presets.py _anchor: Path('~<NUL>').expanduser() raises ValueError (embedded null byte) before coerce "
-        "rejects the NUL; _anchor catches only RuntimeError")
 @pytest.mark.parametrize("body", ['[data]\nroot = "~\\u0000x"\n', '[model]\npretrained = "local-dir:~\\u0000x"\n',
                                   '[model]\npretrained = "~\\u0000/w.pt"\n'], ids=["root", "local-dir", "checkpoint"])
-def test_bug_tilde_path_with_nul(tmp_path, body):
+def test_regression_tilde_path_with_nul(tmp_path, body):
     path = write(tmp_path, "p.toml", body)
     _raises_only_preset_error(lambda: read_preset(path))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/schema.py build_section and engine/presets.py preset_from_dict put an unknown key or section name into "
-    "Problem.key as written: a key with a newline splits the error over two lines, and one with ESC sequences "
-    "('\\u001b[2J', '\\u001b]0;title\\u0007') reaches the user's terminal through `fedtui check`/`run` (Rich strips "
-    "BEL but not ESC); an odd name should be shown with repr()"))
 @pytest.mark.parametrize("raw", [{"train": {"a\nb": 1}}, {"train": {"\x1b[2Jx": 1}}, {"\x1b]0;t\x07": {}}],
                          ids=["newline-key", "escape-key", "escape-section"])
-def test_bug_odd_key_names_are_echoed_raw(raw):
+def test_regression_odd_key_names_are_echoed_raw(raw):
     _, error = outcome(lambda: preset_from_dict(raw))
     assert error is not None
     assert all(p.key is None or p.key.isprintable() for p in error.problems), [p.key for p in error.problems]

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
@@ -38,6 +39,9 @@ KNOBS = [
     Knob("model.arch", "Model"),
     Knob("model.pretrained", "Weights"),
 ]
+
+
+CHECKING = "checking the preset…"
 
 
 def field_id(key: str) -> str:
@@ -157,13 +161,27 @@ class PresetForm(VerticalScroll):
         return out
 
     def revalidate(self) -> None:
+        """Check the form off the UI thread: resolving may list a data folder or, for an open_clip tag, import
+        open_clip (seconds); typing never waits for it. Until the answer comes there is no valid preset."""
         if not self.base:
             return
-        self.preset, self.errors, self.general = validate(self.base, self.values(), self.source)
+        base, values, source = self.base, self.values(), self.source
+        self.preset, self.general = None, CHECKING
+        self.run_worker(lambda: self._validate_in_thread(base, values, source), thread=True, exclusive=True,
+                        group="preset-validation", exit_on_error=False)
+
+    def _validate_in_thread(self, base: dict[str, Any], values: dict[str, str], source: str) -> None:
+        result = validate(base, values, source)
+        self.app.call_from_thread(self._show, base, values, source, *result)
+
+    def _show(self, base, values, source, preset, errors: dict[str, str], general: str | None) -> None:
+        if (base, values, source) != (self.base, self.values(), self.source):
+            return  # the form changed while this was checked; a newer check is on its way
+        self.preset, self.errors, self.general = preset, errors, general
         for knob in KNOBS:
             line = self.query_one("#" + field_id(knob.key) + "-error", Static)
             message = self.errors.get(knob.key)
-            line.update(f"✗ {message}" if message else "")
+            line.update(Text(f"✗ {message}") if message else "")  # a message quotes the user's text: never markup
             line.display = bool(message)
             self.query_one("#" + field_id(knob.key)).set_class(bool(message), "-invalid-knob")
         self.post_message(self.Validated(self.preset, self.errors, self.general))
