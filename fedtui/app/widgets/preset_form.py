@@ -123,6 +123,7 @@ class PresetForm(VerticalScroll):
         self.general: str | None = None
         self._loading = False
         self._scheduled = False
+        self._checked: tuple | None = None  # (base, values, source) the current answer is for
 
     def compose(self) -> ComposeResult:
         for knob in KNOBS:
@@ -166,6 +167,9 @@ class PresetForm(VerticalScroll):
         if not self.base:
             return
         base, values, source = self.base, self.values(), self.source
+        if (base, values, source) == self._checked:
+            return  # nothing changed since the last answer (a burst of Changed messages after a load)
+        self._checked = None
         self.preset, self.general = None, CHECKING
         self.run_worker(lambda: self._validate_in_thread(base, values, source), thread=True, exclusive=True,
                         group="preset-validation", exit_on_error=False)
@@ -178,6 +182,7 @@ class PresetForm(VerticalScroll):
         if (base, values, source) != (self.base, self.values(), self.source):
             return  # the form changed while this was checked; a newer check is on its way
         self.preset, self.errors, self.general = preset, errors, general
+        self._checked = (base, values, source)
         for knob in KNOBS:
             line = self.query_one("#" + field_id(knob.key) + "-error", Static)
             message = self.errors.get(knob.key)
