@@ -313,3 +313,39 @@ batch_size = 4
             assert len(app.runs_screen.records) == 1
 
     run(body())
+
+
+@pytest.mark.slow
+def test_runs_screen_resumes_a_stopped_run_to_the_end(tiny_preset_file, tmp_path):
+    """A run stopped in round 2 is continued from the runs screen ('c') and ends as an uninterrupted run would."""
+    import json
+
+    from engine import events as ev
+    from engine.control import RunControl
+    from engine.presets import load_preset
+    from engine.runner import run as engine_run
+
+    preset = load_preset(tiny_preset_file, ["run.rounds=4"])
+    control = RunControl()
+    stopped = engine_run(preset, lambda e: control.stop() if isinstance(e, ev.RoundFinished) and e.round == 2 else None,
+                         control)
+    assert stopped.status == "stopped"
+
+    async def body():
+        from fedtui.app import FedtuiApp
+        from fedtui.app.catalog import PresetSources
+
+        app = FedtuiApp(engine_run=engine_run, runs_dir=stopped.run_dir.parent,
+                        preset_sources=PresetSources(shipped=[], user_dir=tmp_path / "user", cwd=tmp_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: [r.status for r in app.runs_screen.records] == ["stopped"])
+            await pilot.press("c")
+            await wait_for(pilot, lambda: app.worker is not None and app.worker.is_finished
+                           and app.state.status == "completed", timeout=120)
+            await pilot.pause(0.2)
+            assert [p.round for p in app.state.points] == [0, 1, 2, 3, 4]  # the rounds it had, then the rest
+
+    run(body())
+    summary = json.loads((stopped.run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 4

@@ -15,6 +15,7 @@ from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Iterable
 
+from rich.markup import escape
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -95,9 +96,11 @@ class FedtuiApp(App):
         return self.worker is not None and not self.worker.is_finished
 
     # -- the engine worker -----------------------------------------------------------------------
-    def _engine_thread(self, preset, control: RunControl) -> Any:
+    def _engine_thread(self, preset, control: RunControl, resume_dir: Path | None = None) -> Any:
         put = self.events.put
         try:
+            if resume_dir is not None:
+                return self.engine_run(preset, put, control=control, run_dir=resume_dir, resume=True)
             return self.engine_run(preset, put, control=control)
         except Exception as error:  # a PresetError before start, or an engine bug: show it, stay alive
             put(RunFailed(error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(),
@@ -114,8 +117,30 @@ class FedtuiApp(App):
             if self.current_mode != "presets":
                 self.switch_mode("presets")
             return
+        self._launch(preset, RunState())
+
+    def resume_run(self, run_dir: Path) -> None:
+        """Continue a stopped, killed or crashed run from its last completed round (``fedtui run --resume``)."""
+        from engine.presets import PresetError, load_preset
+        from engine.run_state import ResumeError, load_round_state
+
+        from .runstore import replay
+
+        if self.run_live:
+            self.notify("A run is already live: stop it first (x)", severity="warning")
+            return
+        try:
+            preset = load_preset(Path(run_dir) / "preset.toml")
+            load_round_state(run_dir)
+        except (PresetError, ResumeError, OSError) as error:
+            self.notify(escape(str(error)), title="Cannot resume", severity="error")
+            return
+        state = replay(Path(run_dir))  # the rounds it had, shown while it continues
+        self._launch(preset, state, resume_dir=Path(run_dir))
+
+    def _launch(self, preset, state: RunState, resume_dir: Path | None = None) -> None:
         self.run_preset = preset
-        self.state = RunState()
+        self.state = state
         self.state.status = "starting"
         self.state.run_name = preset.run.name
         self.state.rounds = preset.run.rounds
@@ -125,7 +150,7 @@ class FedtuiApp(App):
         self.dashboard.set_state(self.state)
         self.switch_mode("dashboard")
         control = self.control
-        self.worker = self.run_worker(lambda: self._engine_thread(preset, control), name="engine", group="engine",
+        self.worker = self.run_worker(lambda: self._engine_thread(preset, control, resume_dir), name="engine", group="engine",
                                       thread=True, exit_on_error=False)
 
     def action_toggle_pause(self) -> None:

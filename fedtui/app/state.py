@@ -140,8 +140,9 @@ class RunState:
             self.run_id, self.run_name, self.run_dir = event.run_id, event.preset_name, event.run_dir
             self.rounds, self.holdout = event.rounds, list(event.holdout)
             self.started_at = self.last_event_time = event.time
-            for info in event.clients:
-                row = self._add_client(str(info.get("client")))
+            for info in event.clients:  # a resumed run starts again over the rows it had
+                name = str(info.get("client"))
+                row = self.clients.get(name) or self._add_client(name)
                 row.domain = str(info.get("domain", ""))
                 row.examples = int(info.get("examples", 0) or 0)
             self.dirty.update({"table", "charts", "progress"})

@@ -33,6 +33,7 @@ class RunsScreen(Screen):
         Binding("space", "toggle_mark", "Compare"),
         Binding("g", "reload", "Reload"),
         Binding("w", "toggle_wise", "Rounds/WiSE"),
+        Binding("c", "resume", "Resume"),
         Binding("escape,b", "app.show_presets", "Presets"),
         Binding("q", "app.quit", "Quit"),
     ]
@@ -112,6 +113,16 @@ class RunsScreen(Screen):
         self.marked ^= {key}
         self.query_one(DataTable).update_cell(key, "mark", "✓" if key in self.marked else " ")
         self.redraw_chart()
+
+    def action_resume(self) -> None:
+        record = self._current()
+        if record is None:
+            self.notify("No run selected", severity="warning")
+            return
+        if record.status in ("completed", "running"):
+            self.notify(f"{record.run_id} is {record.status}: nothing to resume", severity="warning")
+            return
+        self.app.resume_run(record.path)
 
     def action_replay(self) -> None:
         record = self._current()
