@@ -101,9 +101,14 @@ class Federation:
         self.optimizer_states: dict[str, Any] = {}
         self.client_seconds: dict[str, float] = {}  # training time of this round, until its upload
         self.selection = Selection(preset.eval.selection)
+        self.selected_state: State | None = None  # the selection rule's adapter, for WiSE-FT on it too
         names = [c.name for c in data.clients]
         self.generators = {name: seeded_generator(preset.run.seed, 1, i) for i, name in enumerate(names)}
         self.clients = {c.name: c for c in data.clients}
+        self.client_index = {name: i for i, name in enumerate(names)}
+        # Faulty clients (robustness studies): label flipping acts in training, the other modes on the update.
+        self.faulty = set(preset.federation.faulty)
+        self.flipped_labels = (len(data.classes) - 1) - data.labels
         if strategy.pools_data:
             self.training_rows = {"pooled": np.concatenate([c.train for c in data.clients])}
             self.generators["pooled"] = seeded_generator(preset.run.seed, 2)
@@ -184,7 +189,7 @@ class Federation:
 
         try:
             result = train_locally(
-                self.adapter, optimizer, self.inputs, self.data.labels, self.training_rows[name], self.preset.train,
+                self.adapter, optimizer, self.inputs, self.labels_for(name), self.training_rows[name], self.preset.train,
                 epochs, self.scale, self.generators[name], penalty, self.control.checkpoint, on_step,
             )
         except NonFiniteLoss as error:
@@ -213,6 +218,8 @@ class Federation:
             if name in self.personal:
                 self.personal[name] = {k: client.state[k].clone() for k in self.personal_keys}
             delta = {k: client.state[k] - shared_global[k] for k in self.shared_keys}
+            if name in self.faulty:
+                delta = self.misbehave(name, round_, delta)
             sent, skipped = 0, False
             if delta:
                 relative = norm(delta) / max(norm(shared_global), 1e-12)
@@ -233,6 +240,29 @@ class Federation:
             )
         return accepted, bytes_up_total, bytes_down_total
 
+    def labels_for(self, name: str) -> torch.Tensor:
+        fed = self.preset.federation
+        return self.flipped_labels if name in self.faulty and fed.faulty_mode == "label_flip" else self.data.labels
+
+    def misbehave(self, name: str, round_: int, delta: State) -> State:
+        """A faulty client's update as sent (federation.faulty_mode), drawn from its own seeded stream."""
+        mode, strength = self.preset.federation.faulty_mode, self.preset.federation.faulty_strength
+        if mode == "scale":
+            return {k: v * strength for k, v in delta.items()}
+        if mode == "sign_flip":
+            return {k: -strength * v for k, v in delta.items()}
+        if mode == "free_rider":  # sends the global model back: an update of zero
+            return {k: torch.zeros_like(v) for k, v in delta.items()}
+        if mode == "noise":
+            generator = seeded_generator(self.preset.run.seed, 3, self.client_index[name], round_)
+            count = sum(v.numel() for v in delta.values())
+            rms = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values()) / max(count, 1)))
+            return {
+                k: v + (strength * rms) * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)
+                for k, v in delta.items()
+            }
+        return delta  # label_flip: the update of a client trained on flipped labels
+
     # --- evaluation ---------------------------------------------------------------------------------
 
     def evaluate(self, round_: int, outcome: RoundOutcome | None = None, zero_shot: bool = False) -> None:
@@ -247,6 +277,7 @@ class Federation:
         selected = not zero_shot and self.selection.consider(mean_val)
         if selected:
             self.save("best", self.global_state)
+            self.selected_state = {k: v.clone() for k, v in self.global_state.items()}
         train_seconds = outcome.train_seconds if outcome else 0.0
         self.emit(
             ev.RoundFinished(
@@ -269,15 +300,26 @@ class Federation:
         for point in curve:
             if point["alpha"] == final_alpha and final_alpha != 1.0:
                 self.save("wise", point["state"])
-                self.log("info", f"WiSE-FT final model at a = {final_alpha}: saved as checkpoints/wise.safetensors")
+                self.log("info", f"WiSE-FT final model at a = {final_alpha} on the last round's adapter: "
+                                 "saved as checkpoints/wise.safetensors")
+        self.report_wise(curve, alphas, "last")
+        # The selection rule's round is what a paper reports: mix that one with the zero-shot start too.
+        if alphas and self.selected_state is not None and not all(
+            torch.equal(self.selected_state[k], self.global_state[k]) for k in self.global_state
+        ):
+            self.report_wise(self.evaluator.wise_curve(self.theta_0, self.selected_state, alphas), alphas, "selected")
+            self.adapter.load_trainable_state(self.global_state)
+
+    def report_wise(self, curve: list[dict], alphas: list[float], model: str) -> None:
         for point in curve:
             if point["alpha"] in alphas:
                 self.emit(ev.WiseEvaluated(
                     alpha=point["alpha"], mean_test=point["mean_test"], mean_holdout=point["mean_holdout"],
-                    holdout=point["holdout"], clients=point["clients"], model="last",
+                    holdout=point["holdout"], clients=point["clients"], model=model,
                 ))
                 holdout = "n/a" if point["mean_holdout"] is None else f"{point['mean_holdout']:.3f}"
-                self.log("info", f"WiSE-FT a={point['alpha']:.2f}: mean test {point['mean_test']:.3f}, held-out {holdout}")
+                self.log("info", f"WiSE-FT ({model}) a={point['alpha']:.2f}: mean test {point['mean_test']:.3f}, "
+                                 f"held-out {holdout}")
 
     def log(self, level: str, text: str) -> None:
         self.emit(ev.Log(level=level, text=text, time=time.time()))
@@ -292,6 +334,8 @@ class Federation:
         tensors.update({f"strategy/{k}": v for k, v in self.strategy.state_tensors().items()})
         tensors.update({f"codec/{k}": v for k, v in self.codec.state_tensors().items()})
         tensors.update({f"generator/{n}": g.get_state() for n, g in self.generators.items()})
+        if self.selected_state is not None:
+            tensors.update({f"selected/{k}": v for k, v in self.selected_state.items()})
         tensors["torch_rng"] = torch.get_rng_state()
         groups: dict[str, Any] = {}
         for client, optimizer_state in self.optimizer_states.items():
@@ -313,6 +357,7 @@ class Federation:
             generator.set_state(tensors[f"generator/{name}"])
         torch.set_rng_state(tensors["torch_rng"])
         self.selection.best_val = info["best_val"]
+        self.selected_state = part("selected/") or None
         self.optimizer_states = {}
         for client, param_groups in info["optimizer_param_groups"].items():
             slots: dict[int, dict[str, torch.Tensor]] = {}

@@ -44,6 +44,7 @@ PRESETS_DIR = next(
 )
 
 MAX_PRESET_BYTES = 1 << 20
+FAULTY_MODES = ("label_flip", "noise", "scale", "sign_flip", "free_rider")
 # numpy's legacy seeding (the reference code's np.random.seed) takes seeds below 2^32.
 MAX_SEED = 2**32 - 1
 
@@ -126,6 +127,14 @@ class FederationSection:
     skip_threshold: float = _knob(
         0.0, min=0.0, max=1e3, help="a client skips sending an update with ||delta|| / ||global|| below this"
     )
+    faulty: list[str] = _knob([], help="clients that misbehave on purpose (robustness studies), by client name")
+    faulty_mode: str = _knob(
+        "sign_flip", choices=list(FAULTY_MODES),
+        help="label_flip: train on y -> K-1-y; noise: add Gaussian noise of sd strength x the update's RMS; "
+             "scale: send strength x the update; sign_flip: send -strength x the update; free_rider: send nothing new",
+    )
+    # Attacks in the literature scale updates by up to about 100 (e.g. model replacement); 1e3 covers them.
+    faulty_strength: float = _knob(1.0, min=0.0, max=1e3, help="the noise sd or scale factor of faulty_mode")
     aggregation_options: Any = options_field("aggregation")
     compression_options: Any = options_field("compression")
 

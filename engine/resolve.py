@@ -70,6 +70,10 @@ def check_data(preset: Preset, problems: Problems) -> None:
         return
     if not problems:
         check_clients(preset, {d: counts[d] for d in training}, problems)
+        names = client_names(preset, training)
+        for name in preset.federation.faulty:
+            if name not in names:
+                problems.add("federation.faulty", f"no client {name!r}.{suggest(name, names)}")
 
 
 def domain_class_counts(preset: Preset, problems: Problems) -> dict[str, list[int]] | None:
@@ -115,6 +119,14 @@ def _folder_counts(root: str, mtime_ns: int) -> dict[str, list[int]]:
         ]
         for d in domains
     }
+
+
+def client_names(preset: Preset, training: list[str]) -> list[str]:
+    """The names the run's clients will have (engine.data.make_clients names them the same way)."""
+    if preset.data.partition == "domain":
+        return list(training)
+    width = len(str(preset.data.clients - 1))
+    return [f"client-{k:0{width}d}" for k in range(preset.data.clients)]
 
 
 def check_clients(preset: Preset, counts: dict[str, list[int]], problems: Problems) -> None:

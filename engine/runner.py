@@ -242,7 +242,8 @@ class _Session:
                 rounds=rounds,
                 clients=[
                     {"client": c.name, "domain": c.domain, "examples": len(c.train), "val": len(c.val),
-                     "test": len(c.test), "class_histogram": c.class_histogram}
+                     "test": len(c.test), "class_histogram": c.class_histogram,
+                     **({"faulty": fed.faulty_mode} if c.name in fed.faulty else {})}
                     for c in data.clients
                 ],
                 holdout=list(preset.data.holdout),

@@ -94,3 +94,19 @@ def test_wise_for_attai_starts_from_its_initial_weights(setup):
     train(adapter, features, labels, context.logit_scale, steps=3)
     adapter.load_trainable_state(interpolate(theta_0, adapter.trainable_state(), 0.0))
     torch.testing.assert_close(logits(adapter, features, context.logit_scale), initial)
+
+
+@pytest.mark.slow
+def test_wise_ft_is_measured_on_the_selected_round_as_well_as_the_last(tiny_preset_file):
+    """a = 1 on each curve is that adapter itself: the selected round's test accuracy and the last round's."""
+    from engine.presets import load_preset
+    from engine.runner import run
+
+    summary = run(load_preset(tiny_preset_file, ["run.rounds=4", "adapter.kind=clip_adapter",
+                                                 "eval.wise_alphas=[0.0, 0.5, 1.0]"])).summary
+    assert summary["selected"]["round"] != summary["final"]["round"]  # else there is one curve, not two
+    curves = {(w["model"], w["alpha"]): w for w in summary["wise_ft"]}
+    assert {model for model, _ in curves} == {"last", "selected"}
+    assert curves[("selected", 1.0)]["mean_test"] == summary["selected"]["mean_test"]
+    assert curves[("last", 1.0)]["mean_test"] == summary["final"]["mean_test"]
+    assert curves[("selected", 0.0)]["mean_test"] == curves[("last", 0.0)]["mean_test"]  # both start at theta_0

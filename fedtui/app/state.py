@@ -41,6 +41,7 @@ class ClientRow:
     bytes_up: int = 0
     step: int = 0
     steps: int = 0
+    faulty: str = ""  # federation.faulty_mode of a client that misbehaves on purpose
 
 
 @dataclass
@@ -145,10 +146,14 @@ class RunState:
                 row = self.clients.get(name) or self._add_client(name)
                 row.domain = str(info.get("domain", ""))
                 row.examples = int(info.get("examples", 0) or 0)
+                row.faulty = str(info.get("faulty") or "")
             self.dirty.update({"table", "charts", "progress"})
             holdout = ", ".join(event.holdout) or "none"
             self._log(f"run {event.run_id} started: {len(event.clients)} clients, {event.rounds} rounds, "
                       f"held out: {holdout}, {event.adapter}/{event.aggregation} on {event.device}")
+            for info in event.clients:
+                if info.get("faulty"):
+                    self._log(f"⚠ {info.get('client')} is faulty on purpose: {info['faulty']}")
         elif isinstance(event, FeaturesProgress):
             self.encoding = (event.done, event.total)
         elif isinstance(event, FeaturesReady):

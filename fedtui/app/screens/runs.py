@@ -20,6 +20,8 @@ def wise_curve(summary: dict) -> list[tuple[float, float]]:
     """(a, accuracy) along theta_0 + a (theta - theta_0): held-out where the run has one, else clients' test."""
     points = []
     for entry in summary.get("wise_ft") or []:
+        if entry.get("model", "last") != "last":  # the curve of the selected round is in the summary too
+            continue
         value = entry.get("mean_holdout")
         value = entry.get("mean_test") if value is None else value
         if value is not None:

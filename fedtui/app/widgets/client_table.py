@@ -13,7 +13,7 @@ COLUMNS = [("client", "Client"), ("domain", "Domain"), ("examples", "Ex"), ("los
 
 def cells(row: ClientRow) -> dict[str, str]:
     return {
-        "client": row.client,
+        "client": f"⚠ {row.client}" if row.faulty else row.client,  # the mode is in the log and the legend
         "domain": row.domain or "-",
         "examples": str(row.examples or "-"),
         "loss": num(row.last_loss),
