@@ -247,5 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     cli(argv, prog_name="fedtui")
 
 
+from fedtui.cli_extra import register as _register_extra  # noqa: E402  (schema, report, serve)
+_register_extra(cli)
+
+
 if __name__ == "__main__":
     main()
