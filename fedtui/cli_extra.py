@@ -45,7 +45,7 @@ def schema(
         out.write_text(text, encoding="utf-8")
     except OSError as error:
         raise _bad_input(f"--out {out}: cannot write: {error.strerror or error}")
-    err.print(f"[green]wrote[/] {escape(str(out))}")
+    err.print(f"[green]wrote[/] {escape(str(out))}", soft_wrap=True)
 
 
 def report(
@@ -67,7 +67,7 @@ def report(
         raise _bad_input(str(error))
     except OSError as error:
         raise _bad_input(f"--out {target}: cannot write: {error.strerror or error}")
-    err.print(f"[green]wrote[/] {escape(str(written))} ({written.stat().st_size:,} bytes)")
+    err.print(f"[green]wrote[/] {escape(str(written))} ({written.stat().st_size:,} bytes)", soft_wrap=True)
 
 
 def serve(

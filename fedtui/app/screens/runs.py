@@ -36,6 +36,7 @@ class RunsScreen(Screen):
         Binding("g", "reload", "Reload"),
         Binding("w", "toggle_wise", "Rounds/WiSE"),
         Binding("c", "resume", "Resume"),
+        Binding("f", "figure", "Figure"),
         Binding("escape,b", "app.show_presets", "Presets"),
         Binding("q", "app.quit", "Quit"),
     ]
@@ -125,6 +126,33 @@ class RunsScreen(Screen):
             self.notify(f"{record.run_id} is {record.status}: nothing to resume", severity="warning")
             return
         self.app.resume_run(record.path)
+
+    def action_figure(self) -> None:
+        """The chart's runs (compared, else highlighted) as `fedtui report` draws them, into the run's folder."""
+        from fedtui.report import INSTALL_HINT, matplotlib_available
+
+        current = self._current()
+        chosen = [r for r in self.records if str(r.path) in self.marked] or ([current] if current else [])
+        if not chosen:
+            self.notify("No run selected", severity="warning")
+            return
+        if not matplotlib_available():
+            self.notify(f"Figures need matplotlib: {INSTALL_HINT}", severity="warning", markup=False)
+            return
+        folder = (current if current in chosen else chosen[0]).path
+        out = folder / ("report.png" if len(chosen) == 1 else "report-compare.png")
+        self.run_worker(lambda: self._write_figure([r.path for r in chosen], out), thread=True, group="figure",
+                        exit_on_error=False)
+
+    def _write_figure(self, paths: list[Path], out: Path) -> None:  # in a thread: matplotlib takes a second
+        from fedtui.report import draw_report
+
+        try:
+            draw_report(paths, out)
+        except Exception as error:  # a figure must never take the console down
+            self.app.call_from_thread(self.notify, f"No figure: {error}", severity="error", markup=False)
+        else:
+            self.app.call_from_thread(self.notify, f"Figure written: {out}", markup=False)
 
     def action_replay(self) -> None:
         record = self._current()
