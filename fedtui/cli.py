@@ -129,17 +129,29 @@ def run(
 @cli.command()
 def sweep(
     preset: Path = typer.Argument(..., help="preset TOML file"),
-    vary: list[str] = typer.Option(..., "--vary", help="key=v1,v2,... one run per value; repeat for a grid"),
+    vary: list[str] = typer.Option(
+        [], "--vary", help="key=v1,v2,... one run per value; repeat for a grid; data.holdout=each: every domain in turn"
+    ),
     set_: list[str] = typer.Option([], "--set", help="override a key for every run (repeatable)"),
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="run every point once per seed (run.seed): 0-4 or 0,2,7; reports mean ± sd"
+    ),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help='the point the others are compared to, paired by seed: "aggregation=mean" (default: the first)'
+    ),
 ) -> None:
-    """Run a preset once per setting and print one comparison table (also saved as CSV and JSONL)."""
+    """Run a preset once per setting (and seed) and print one comparison table (saved as CSV and JSONL)."""
     from engine.presets import PresetError, read_preset_toml
-    from engine.sweep import build_presets, expand
+    from engine.sweep import expand, holdout_domains, parse_seeds, pick_baseline, plan_runs
 
+    if not vary and seeds is None:
+        raise _bad_input("give --vary key=v1,v2,... (one run per value) and/or --seeds 0-4")
     try:
         raw = read_preset_toml(preset)
-        points = expand(vary)
-        presets = build_presets(raw, preset, points, common=set_)
+        seed_list = parse_seeds(seeds) if seeds is not None else None
+        points = expand(vary, domains=lambda: holdout_domains(raw, preset, set_))
+        baseline_label = pick_baseline(points, baseline)
+        plan = plan_runs(raw, preset, points, common=set_, seeds=seed_list)
     except PresetError as error:
         raise _bad_input(str(error))
 
@@ -147,23 +159,31 @@ def sweep(
     from engine.runner import run as run_engine
     from engine.runstore import new_run_dir
     from engine.sweep import run_sweep
-    from fedtui.headless import SweepReporter, sweep_table
+    from fedtui.headless import SweepReporter, lodo_table, paired_table, sweep_table
 
     control = RunControl()
+    out_root = plan[0].preset.run.out_dir
+    run_table = raw.get("run") if isinstance(raw.get("run"), dict) else {}
     try:
-        out_dir = new_run_dir(presets[0].run.out_dir, f"sweep-{raw.get('run', {}).get('name', preset.stem)}")
+        out_dir = new_run_dir(out_root, f"sweep-{run_table.get('name', preset.stem)}")
     except OSError as error:
-        raise _bad_input(f"cannot create the sweep folder under run.out_dir {presets[0].run.out_dir!r}: {error.strerror or error}")
-    reporter = SweepReporter(len(presets))
+        raise _bad_input(f"cannot create the sweep folder under run.out_dir {out_root!r}: {error.strerror or error}")
+    reporter = SweepReporter(len(plan))
     previous = signal.signal(signal.SIGINT, lambda signum, frame: control.stop())
     try:
-        rows = run_sweep(presets, [p.label for p in points], out_dir, run_engine, reporter.sink_for, control)
+        result = run_sweep(plan, out_dir, run_engine, reporter.sink_for, control, baseline=baseline_label)
     finally:
         signal.signal(signal.SIGINT, previous)
         reporter.close()
-    Console().print(sweep_table(rows))
-    Console().print(f"table: {out_dir / 'sweep.csv'} (and sweep.jsonl)")
-    if any(r["status"] in ("failed", "diverged") for r in rows):
+    console = Console(highlight=False)
+    console.print(sweep_table(result.summary, seed_list))
+    if seed_list is not None and len(seed_list) > 1 and len(points) > 1:
+        console.print(paired_table(result.summary, baseline_label))
+    for table in result.lodo:
+        console.print(lodo_table(table))
+    if result.files:
+        console.print(f"tables in {out_dir}: {', '.join(f.name for f in result.files)}", soft_wrap=True)
+    if any(r.row["status"] in ("failed", "diverged") for r in result.records):
         raise typer.Exit(EXIT_FAILED)
     if control.stop_requested:
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -197,22 +197,127 @@ class SweepReporter:
         self.progress.stop()
 
 
-def sweep_table(rows: list[dict[str, Any]]) -> Table:
-    """One row per setting; the setting never wraps, a run that did not complete says so beside it."""
-    # A light box: eight columns of figures must fit an 80-column SSH terminal.
+def _spread(value: float | None, sd: float | None, signed: bool = False) -> str:
+    """A percentage, with ``±sd`` when there is one (several seeds)."""
+    if value is None or value != value:
+        return "n/a"
+    text = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    return text if sd is None else f"{text}±{100 * sd:.1f}"
+
+
+def _rounds(text: str) -> str:
+    """The selected (or final) rounds over seeds: '3 3 3' -> '3', '1 1 5' -> '1,1,5', beyond four '1-5'."""
+    values = [int(v) for v in text.split() if v.isdigit()]
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    if low == high:
+        return str(low)
+    return ",".join(map(str, values)) if len(values) <= 4 else f"{low}-{high}"
+
+
+def _setting(row: dict[str, Any]) -> str:
+    statuses = row.get("statuses") or []
+    if row["runs"] == 1 and statuses and statuses[0] != "completed":
+        return f"{row['setting']} ({statuses[0]})"
+    if row["completed"] < row["runs"]:
+        return f"{row['setting']} ({row['completed']}/{row['runs']} completed)"
+    return row["setting"]
+
+
+def sweep_table(rows: list[dict[str, Any]], seeds: list[int] | None = None) -> Table:
+    """One row per setting (``engine.sweep.aggregate``): the selected and the final round side by side, so two
+    settings whose best-val rule picked the same early round show it; mean ± sd when run over seeds."""
+    # A light box: the columns of figures must fit an 80-column SSH terminal.
+    over = f", mean±sd over seeds {_seed_list(seeds)}" if seeds else ""
     table = Table(
-        title="sweep: accuracy % at zero-shot (zs) and the selected round",
+        title=f"sweep: accuracy %{over}", title_justify="left", caption_justify="left",
+        caption="test: the clients' test sets (personalisation); held: the held-out domains (generalisation); "
+                "sel: at the selected round, fin: at the final round; rnd: selected/final round",
         box=box.SIMPLE_HEAD, pad_edge=False,
     )
     table.add_column("setting", overflow="fold")
-    for name, width in (("params", 7), ("zs test", 7), ("test", 5), ("zs held", 7), ("held", 5), ("up/rnd", 9), ("s/rnd", 5)):
-        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    table.add_column("rnd", justify="right", no_wrap=True)
+    for name in ("sel\ntest", "sel\nheld", "fin\ntest", "fin\nheld"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=4)
+    if not seeds:  # seconds per round: sweep.csv (the table keeps to 80 columns)
+        for name, width in (("params", 7), ("up/rnd", 8)):
+            table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    # Round 0 once when every setting starts from the same zero-shot numbers, else under each setting.
+    shared = len({(r["zero_shot_test_mean"], r["zero_shot_holdout_mean"]) for r in rows if r["completed"]}) == 1
+
+    def zero_shot(row: dict[str, Any], label: str) -> None:
+        table.add_row(label, "0", _spread(row["zero_shot_test_mean"], row["zero_shot_test_sd"]),
+                      _spread(row["zero_shot_holdout_mean"], row["zero_shot_holdout_sd"]), style="dim")
+
     for row in rows:
-        params = row["trainable_parameters"]
-        label = row["setting"] if row["status"] == "completed" else f"{row['setting']} ({row['status']})"
-        table.add_row(
-            label, f"{params:,}" if params else "-", _pct(row["zero_shot_test"]),
-            _pct(row["test"]), _pct(row["zero_shot_holdout"]), _pct(row["holdout"]),
-            _bytes(int(row["bytes_up_per_round"] or 0)), f"{row['seconds_per_round'] or 0:.2f}",
-        )
+        cells = [_spread(row[f"{m}_mean"], row[f"{m}_sd"]) for m in ("test", "holdout", "final_test", "final_holdout")]
+        extra = []
+        if not seeds:
+            params = row["trainable_parameters"]
+            extra = [f"{params:,}" if params else "-", _bytes(int(row["bytes_up_per_round"] or 0))]
+        table.add_row(_setting(row), f"{_rounds(row['selected_rounds'])}/{_rounds(row['final_rounds'])}", *cells, *extra)
+        if not shared and row["completed"]:
+            zero_shot(row, "  zero-shot")
+    if shared:
+        table.add_section()
+        zero_shot(next(r for r in rows if r["completed"]), "zero-shot")
+    return table
+
+
+def _seed_list(seeds: list[int]) -> str:
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(str(s) for s in seeds)
+
+
+def paired_table(rows: list[dict[str, Any]], baseline: str) -> Table:
+    """Each setting minus the baseline, paired by seed, in accuracy points: mean ± the half-width of the
+    95% t interval (n - 1 degrees of freedom); * where the interval excludes 0."""
+    table = Table(
+        title=f"difference to {baseline}, accuracy points, paired by seed", title_justify="left",
+        caption="mean ± half-width of the 95% t interval (n - 1 degrees of freedom); *: the interval excludes 0",
+        caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    )
+    table.add_column("setting", overflow="fold")
+    table.add_column("n", justify="right", no_wrap=True)
+    for name in ("sel\ntest", "sel\nheld", "fin\ntest", "fin\nheld"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=4)
+    for row in rows:
+        if row["baseline"]:
+            table.add_row(row["setting"], str(row["completed"]), *(["baseline"] + [""] * 3))
+            continue
+        cells = []
+        for metric in ("test", "holdout", "final_test", "final_holdout"):
+            mean, low, high = row[f"{metric}_diff"], row[f"{metric}_diff_low"], row[f"{metric}_diff_high"]
+            half = None if low is None or high is None else (high - low) / 2
+            mark = "*" if low is not None and high is not None and (low > 0 or high < 0) else ""
+            cells.append(_spread(mean, half, signed=True) + mark)
+        table.add_row(row["setting"], str(row["paired_n"] or 0), *cells)
+    return table
+
+
+def lodo_table(lodo) -> Table:
+    """The paper's leave-one-domain-out table (``engine.sweep.LodoTable``): per held-out domain each client's
+    test accuracy, their mean (pers.) and the held-out accuracy (gen.), and the average row."""
+    sd = any(c.sd is not None for r in lodo.rows for c in [*r["cells"].values(), r["personalisation"], r["generalisation"]])
+    what = f"{lodo.group}: " if lodo.group else ""
+    table = Table(
+        title=f"{what}leave-one-domain-out, accuracy % at the selected round{', mean±sd over seeds' if sd else ''}",
+        caption="per held-out domain: each client's test accuracy (–: the domain held out), pers.: their mean, "
+                "gen.: the held-out domain's accuracy",
+        title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    )
+    table.add_column("held out", overflow="fold")
+    for name in [*lodo.columns, "pers.", "gen."]:
+        table.add_column(name, justify="right", overflow="fold", min_width=4)
+
+    def cells(row):
+        found = [*(row["cells"][c] for c in lodo.columns), row["personalisation"], row["generalisation"]]
+        return ["–" if c.mean is None else _spread(c.mean, c.sd if sd else None) for c in found]
+
+    for row in lodo.rows:
+        table.add_row(row["held_out"], *cells(row))
+    table.add_section()
+    table.add_row("average", *cells(lodo.average))
     return table
