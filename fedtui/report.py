@@ -247,16 +247,18 @@ def _draw_sweep(ax, sweep: SweepData, colours) -> None:
             values = [v for v in (_pct(r.get(key)) for r in sweep.groups[setting]) if v is not None]
             x = i - 0.4 + width * (k + 0.5)
             positions.append(x)
-            means.append(statistics.fmean(values) if values else 0.0)
+            means.append(statistics.fmean(values) if values else math.nan)  # nan: no bar, not a zero
             errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             if len(values) > 1:
                 ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
         ax.bar(positions, means, width=width * 0.95, color=colour, label=f"{name} (selected round)",
                yerr=errors if seeds > 1 else None, capsize=3 if seeds > 1 else 0)
-    zero = [v for v in (_pct(r.get("zero_shot_holdout")) or _pct(r.get("zero_shot_test")) for r in sweep.rows)
-            if v is not None]
+    zero, which = [_pct(r.get("zero_shot_holdout")) for r in sweep.rows], "held-out"
+    if not any(v is not None for v in zero):  # no held-out domain: the clients' test accuracy
+        zero, which = [_pct(r.get("zero_shot_test")) for r in sweep.rows], "test"
+    zero = [v for v in zero if v is not None]
     if zero:
-        ax.axhline(statistics.fmean(zero), color="grey", linestyle=":", label="zero-shot")
+        ax.axhline(statistics.fmean(zero), color="grey", linestyle=":", label=f"zero-shot {which}")
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels(settings, rotation=20 if len(settings) > 3 else 0, ha="right" if len(settings) > 3 else "center",
                        fontsize="small")
