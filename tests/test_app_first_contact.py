@@ -35,7 +35,7 @@ from fedtui.app.screens.modals import ErrorScreen
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in (REPO / "presets").glob("*.toml"))
 # Shipped presets that need a download (weights or a data set), so they cannot run offline.
-NEEDS_DOWNLOAD = {"fedclip-pacs"}
+NEEDS_DOWNLOAD = {"fedclip-pacs", "fedclip-vlcs", "fedclip-office-home"}
 # Rounds typed into the editor for the presets other than the quickstart (which runs at its own settings).
 SHORT_ROUNDS = "2"
 
