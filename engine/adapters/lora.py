@@ -58,23 +58,23 @@ class LowRankUpdate(nn.Module):
         return (self.B @ self.A) * self.scaling
 
 
-class LoRAMultiheadAttention(nn.Module):
-    """Drop-in replacement for open_clip's nn.MultiheadAttention (same call, same result when B = 0).
+class RecomputedAttention(nn.Module):
+    """Drop-in replacement for open_clip's nn.MultiheadAttention that recomputes attention from its weights.
 
     nn.MultiheadAttention keeps q, k, v in one ``in_proj_weight`` Parameter that F.multi_head_attention_forward
-    reads directly, so LoRA cannot hook a Linear there (and dropout on the LoRA input cannot be expressed as a
-    weight reparametrisation). Like the reference's PlainMultiheadAttentionLoRA we recompute attention
-    ourselves: q/k/v from the three row blocks of the (shared, frozen) in_proj weight plus their LoRA paths,
-    scaled dot-product attention, then out_proj plus its LoRA path.
+    reads directly, so an in-encoder method cannot hook a Linear there. Like CLIP-LoRA's
+    PlainMultiheadAttentionLoRA we recompute attention ourselves: q/k/v from the three row blocks of the
+    (shared, frozen) in_proj weight, scaled dot-product attention, then out_proj. Subclasses change the
+    projections (``project``: LoRA) or add keys and values (``extra_keys_values``: prefix-tuning); with
+    neither it gives nn.MultiheadAttention's result.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention, targets, rank: int, alpha: float, dropout: float,
-                 generator: torch.Generator):
+    def __init__(self, mha: nn.MultiheadAttention, what: str = "LoRA"):
         super().__init__()
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
-            raise NotImplementedError("LoRA supports attention with equal q/k/v dimensions only")
+            raise NotImplementedError(f"{what} supports attention with equal q/k/v dimensions only")
         if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
-            raise NotImplementedError("LoRA does not support bias_k/bias_v, add_zero_attn or attention dropout")
+            raise NotImplementedError(f"{what} does not support bias_k/bias_v, add_zero_attn or attention dropout")
         self.embed_dim = mha.embed_dim
         self.num_heads = mha.num_heads
         self.batch_first = mha.batch_first
@@ -83,11 +83,7 @@ class LoRAMultiheadAttention(nn.Module):
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj_weight = mha.out_proj.weight
         self.out_proj_bias = mha.out_proj.bias
-        d = self.embed_dim
-        self.lora = nn.ModuleDict({t: LowRankUpdate(d, d, rank, alpha, dropout, generator) for t in targets})
-        self.merged_weights: dict[str, torch.Tensor] | None = None
 
-    # -- weights -------------------------------------------------------------------------------------
     def base_weight(self, target: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if target == "o":
             return self.out_proj_weight, self.out_proj_bias
@@ -96,6 +92,66 @@ class LoRAMultiheadAttention(nn.Module):
         bias = None if self.in_proj_bias is None else self.in_proj_bias[index * d : (index + 1) * d]
         return self.in_proj_weight[index * d : (index + 1) * d], bias
 
+    def project(self, x: torch.Tensor, target: str) -> torch.Tensor:
+        weight, bias = self.base_weight(target)
+        return F.linear(x, weight, bias)
+
+    def extra_keys_values(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values [N, h, P, hd] every query also attends to (prepended), or None."""
+        return None
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None or need_weights:
+            raise NotImplementedError("recomputed attention supports neither key_padding_mask nor need_weights")
+        if not self.batch_first:  # [L, N, E] -> [N, L, E]
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        batch, length, _ = query.shape
+        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # [N, h, L, hd]
+
+        q = split_heads(self.project(query, "q"))
+        k = split_heads(self.project(key, "k"))
+        v = split_heads(self.project(value, "v"))
+        mask = None
+        if attn_mask is not None:
+            # nn.MultiheadAttention: bool True = masked out, float = additive; SDPA's bool means "attend".
+            mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(
+                attn_mask, float("-inf"))
+            if mask.dim() == 3:  # [N * h, L, S]
+                mask = mask.reshape(batch, heads, length, -1)
+        extra = self.extra_keys_values(batch, q.dtype)
+        if extra is not None:
+            k = torch.cat([extra[0], k], dim=2)
+            v = torch.cat([extra[1], v], dim=2)
+            if mask is None and is_causal:
+                mask = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            if mask is not None:  # every query sees the whole prefix: zeros in front of the mask's columns
+                mask = F.pad(mask, (extra[0].shape[2], 0), value=0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        out = self.project(out.transpose(1, 2).reshape(batch, length, self.embed_dim), "o")
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+class LoRAMultiheadAttention(RecomputedAttention):
+    """Drop-in replacement for open_clip's nn.MultiheadAttention (same call, same result when B = 0).
+
+    Dropout on the LoRA input cannot be expressed as a weight reparametrisation, hence the recomputed
+    attention (``RecomputedAttention``) with each chosen projection plus its LoRA path.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, targets, rank: int, alpha: float, dropout: float,
+                 generator: torch.Generator):
+        super().__init__(mha, "LoRA")
+        d = self.embed_dim
+        self.lora = nn.ModuleDict({t: LowRankUpdate(d, d, rank, alpha, dropout, generator) for t in targets})
+        self.merged_weights: dict[str, torch.Tensor] | None = None
+
+    # -- weights -------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
         """W' = W + (alpha / r) B A into separate tensors; the shared base weights stay untouched."""
@@ -138,51 +194,53 @@ class LoRAMultiheadAttention(nn.Module):
         plain.requires_grad_(False)
         return plain
 
-    # -- attention -----------------------------------------------------------------------------------
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or need_weights:
-            raise NotImplementedError("LoRA attention supports neither key_padding_mask nor need_weights")
-        if not self.batch_first:  # [L, N, E] -> [N, L, E]
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        batch, length, _ = query.shape
-        heads, head_dim = self.num_heads, self.embed_dim // self.num_heads
 
-        def split_heads(x: torch.Tensor) -> torch.Tensor:
-            return x.reshape(batch, -1, heads, head_dim).transpose(1, 2)  # [N, h, L, hd]
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree whose Parameters are the very same (frozen, read-only) objects.
 
-        q = split_heads(self.project(query, "q"))
-        k = split_heads(self.project(key, "k"))
-        v = split_heads(self.project(value, "v"))
-        mask = None
-        if attn_mask is not None:
-            # nn.MultiheadAttention: bool True = masked out, float = additive; SDPA's bool means "attend".
-            mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(
-                attn_mask, float("-inf"))
-            if mask.dim() == 3:  # [N * h, L, S]
-                mask = mask.reshape(batch, heads, length, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-        out = self.project(out.transpose(1, 2).reshape(batch, length, self.embed_dim), "o")
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+    Wrapping the copy's blocks never touches the frozen CLIP the run (and every other client) uses; the
+    cost is the tree's small buffers, not its weights. Nothing may write into the shared Parameters.
+    """
+    copied = copy.deepcopy(module, memo={id(p): p for p in module.parameters()})
+    copied.requires_grad_(False)
+    return copied
 
 
-def _attention_modules(visual: nn.Module) -> list[tuple[nn.Module, str, nn.MultiheadAttention]]:
-    """(parent, attribute, module) for every nn.MultiheadAttention in the tower's transformer blocks."""
-    found = []
-    transformer = getattr(visual, "transformer", None)
+def transformer_blocks(tower: nn.Module, what: str = "LoRA") -> list[nn.Module]:
+    """The residual attention blocks of an open_clip transformer (or a tower holding one as ``.transformer``)."""
+    transformer = getattr(tower, "transformer", tower)
     blocks = getattr(transformer, "resblocks", None)
     if blocks is None:
-        raise NotImplementedError("LoRA needs an open_clip VisionTransformer (visual.transformer.resblocks)")
+        raise NotImplementedError(f"{what} needs an open_clip transformer (.resblocks), got {type(tower).__name__}")
     for block in blocks:
         attn = getattr(block, "attn", None)
         if not isinstance(attn, nn.MultiheadAttention):
             raise NotImplementedError(
-                f"LoRA supports open_clip's ResidualAttentionBlock (nn.MultiheadAttention), got {type(attn).__name__}"
+                f"{what} supports open_clip's ResidualAttentionBlock (nn.MultiheadAttention), got {type(attn).__name__}"
             )
-        found.append((block, "attn", attn))
-    return found
+    return list(blocks)
+
+
+def chosen_blocks(count: int, indices, key: str) -> list[int]:
+    """Block numbers from a preset's list (Python indices, -1 = last; empty = all); an error names ``key``."""
+    if not indices:
+        return list(range(count))
+    chosen = []
+    for index in indices:
+        if not -count <= index < count:
+            raise ValueError(f"{key}: block {index} does not exist in a tower of {count} blocks")
+        block = index % count
+        if block in chosen:
+            raise ValueError(f"{key}: block {block} is named twice ({list(indices)})")
+        chosen.append(block)
+    return sorted(chosen)
+
+
+def _attention_modules(visual: nn.Module) -> list[tuple[nn.Module, str, nn.MultiheadAttention]]:
+    """(parent, attribute, module) for every nn.MultiheadAttention in the tower's transformer blocks."""
+    if getattr(getattr(visual, "transformer", None), "resblocks", None) is None:
+        raise NotImplementedError("LoRA needs an open_clip VisionTransformer (visual.transformer.resblocks)")
+    return [(block, "attn", block.attn) for block in transformer_blocks(visual, "LoRA")]
 
 
 @register_adapter
@@ -214,11 +272,9 @@ class LoRAAdapter(Adapter):
         if self.share not in ("both", "b_only"):
             raise ValueError(f"lora_share must be 'both' or 'b_only', got {self.share!r}")
 
-        source = context.clip_model.visual
         # Copy the module tree but keep every Parameter object shared (frozen, read-only): see the module
         # docstring for why this is safe and what it costs.
-        self.visual = copy.deepcopy(source, memo={id(p): p for p in source.parameters()})
-        self.visual.requires_grad_(False)
+        self.visual = shared_copy(context.clip_model.visual)
         generator = torch.Generator().manual_seed(LORA_A_SEED)
         self.lora_layers: list[LoRAMultiheadAttention] = []
         for parent, name, attn in _attention_modules(self.visual):
