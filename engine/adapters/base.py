@@ -86,5 +86,14 @@ ADAPTERS = Registry("adapter kind", "kind")
 register_adapter = ADAPTERS.register
 
 
-def build_adapter(kind: str, context: AdapterContext, options: Any = None) -> Adapter:
-    return ADAPTERS.build(kind, context, options)
+def build_adapter(kind: str, context: AdapterContext, options: Any = None, seed: int | None = None) -> Adapter:
+    """The kind with its options; with ``options.subspace_dim = d > 0`` wrapped in random-subspace training
+    (``engine.adapters.subspace``), whose projection comes from ``seed`` (default ``torch.initial_seed()``:
+    the runner seeds torch with ``run.seed`` just before it builds the adapter)."""
+    adapter = ADAPTERS.build(kind, context, options)
+    dim = int(getattr(adapter.options, "subspace_dim", 0) or 0)
+    if dim > 0:
+        from engine.adapters.subspace import SubspaceAdapter
+
+        adapter = SubspaceAdapter(adapter, dim, torch.initial_seed() if seed is None else seed)
+    return adapter
