@@ -197,7 +197,7 @@ def dirichlet_partition(
 def make_clients(preset: Preset, domains: list[str], row_domains: np.ndarray, labels: np.ndarray) -> list[ClientSplit]:
     """Clients of the run from the rows that survived loading (``row_domains[i]`` is row i's domain)."""
     data, seed = preset.data, preset.run.seed
-    training = [d for d in domains if d not in data.holdout]
+    training = [d for d in domains if d not in data.holdout and d != data.eval_domain]
     num_classes = int(labels.max()) + 1 if len(labels) else 0
 
     def client(name: str, domain: str, rows: np.ndarray) -> ClientSplit:
@@ -206,18 +206,31 @@ def make_clients(preset: Preset, domains: list[str], row_domains: np.ndarray, la
         return ClientSplit(name, domain, train, val, test, histogram)
 
     if data.partition == "domain":
-        return [client(d, d, np.flatnonzero(row_domains == d)) for d in training]
-
-    pooled = np.flatnonzero(np.isin(row_domains, training))
-    if data.partition == "iid":
-        parts = iid_partition(pooled, data.clients, seed)
+        clients = [client(d, d, np.flatnonzero(row_domains == d)) for d in training]
     else:
-        try:
-            parts = dirichlet_partition(labels, pooled, data.clients, data.alpha, seed, data.min_client_size)
-        except ValueError as error:  # resolve() checked the listing; unreadable images dropped since can land here
-            raise ValueError(f"data.min_client_size: {error}") from None
-    width = len(str(data.clients - 1))
-    return [client(f"client-{k:0{width}d}", "mixed", rows) for k, rows in enumerate(parts)]
+        pooled = np.flatnonzero(np.isin(row_domains, training))
+        if data.partition == "iid":
+            parts = iid_partition(pooled, data.clients, seed)
+        else:
+            try:
+                parts = dirichlet_partition(labels, pooled, data.clients, data.alpha, seed, data.min_client_size)
+            except ValueError as error:  # resolve() checked the listing; unreadable images dropped since can land here
+                raise ValueError(f"data.min_client_size: {error}") from None
+        width = len(str(data.clients - 1))
+        clients = [client(f"client-{k:0{width}d}", "mixed", rows) for k, rows in enumerate(parts)]
+    if data.eval_domain:
+        val, test = shared_eval_rows(np.flatnonzero(row_domains == data.eval_domain), data.split, seed)
+        for c in clients:  # the clients' own val/test rows are then unused
+            c.val, c.test = val, test
+    return clients
+
+
+def shared_eval_rows(rows: np.ndarray, fractions: list[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``data.eval_domain``: all of that domain's rows as one val and one test set, in data.split's val:test
+    ratio (0.2:0.2 gives half and half), shuffled and cut as every split is."""
+    share = fractions[1] / (fractions[1] + fractions[2])
+    _, val, test = split_indices(rows, [0.0, share, 1.0 - share], seed)
+    return val, test
 
 
 def holdout_rows(holdout: list[str], row_domains: np.ndarray) -> dict[str, np.ndarray]:

@@ -82,6 +82,11 @@ class DataSection:
     # The encoder resizes to its own input; a larger render only costs time and memory.
     image_size: int = _knob(64, min=8, max=1024, help="synthetic: rendered image side in pixels (8 to 1024)")
     prompt_template: str = _knob("a picture of a {}", help="class prompt; {} is the class name")
+    eval_domain: str = _knob(
+        "", help="a domain no client trains on whose images (split val:test as data.split) are every client's "
+                 "val and test set, e.g. one validation set 90% like one site and 10% like another; empty: "
+                 "each client's own split",
+    )
 
 
 @dataclass(frozen=True)

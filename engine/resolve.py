@@ -64,7 +64,14 @@ def check_data(preset: Preset, problems: Problems) -> None:
     for name in data.holdout:
         if name in available and name not in used:
             problems.add("data.holdout", f"{name!r} is not among data.domains {used}")
-    training = [d for d in used if d not in data.holdout and d in counts]
+    if data.eval_domain:
+        if data.eval_domain not in used:
+            problems.add("data.eval_domain", f"{data.eval_domain!r} is not among the domains in play {used}")
+        elif data.eval_domain in data.holdout:
+            problems.add("data.eval_domain", f"{data.eval_domain!r} is also held out; pick one role for it")
+        if len(data.split) == 3 and data.split[1] + data.split[2] <= 0:
+            problems.add("data.eval_domain", "needs a val or test fraction in data.split to cut it into val and test")
+    training = [d for d in used if d not in data.holdout and d != data.eval_domain and d in counts]
     if not training:
         problems.add("data.holdout", "every domain is held out; at least one must train")
         return
@@ -81,7 +88,9 @@ def domain_class_counts(preset: Preset, problems: Problems) -> dict[str, list[in
     if data.dataset == "synthetic":
         from engine import synthetic
 
-        return {d: [data.images_per_class] * len(synthetic.CLASSES) for d in synthetic.DOMAINS}
+        # The crop domains are opt-in (named in data.domains): the default world stays the four styles.
+        named = tuple(d for d in synthetic.CROP_DOMAINS if d in data.domains)
+        return {d: [data.images_per_class] * len(synthetic.CLASSES) for d in synthetic.DOMAINS + named}
     if not data.root:
         problems.add("data.root", "required for dataset = 'imagefolder' (<root>/<domain>/<class>/<image>)")
         return None

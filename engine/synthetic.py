@@ -8,6 +8,13 @@ colours, thick outlines), ``art_painting`` (brush strokes everywhere, ragged edg
 (grey line drawing on paper, no colour). ``SHIFTED_DOMAIN`` is left out of the shipped CLIP's
 pre-training, so zero-shot accuracy there is genuinely lower and adapters have something to fix.
 
+``CROP_DOMAINS`` are a preprocessing shift rather than a style shift: the photo style framed tightly
+(``photo_tight``: the object fills the frame and is cut at its edges, as a detector's tight crop) or
+loosely (``photo_loose``: a small object in a large scene), and ``photo_mix90``, tight for 9 images in
+10 and loose for the 10th (index % 10 == 9), a validation set 90% like one site and 10% like the other.
+They are opt-in: a preset names them in ``data.domains``; ``DOMAINS``, the default world, keeps its four
+styles and their pictures unchanged.
+
 numpy + PIL only: the data pipeline imports this in worker processes without paying for torch.
 """
 
@@ -22,6 +29,9 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 DOMAINS: tuple[str, ...] = ("art_painting", "cartoon", "photo", "sketch")
 SHIFTED_DOMAIN = "sketch"
 COMMON_DOMAINS: tuple[str, ...] = tuple(d for d in DOMAINS if d != SHIFTED_DOMAIN)
+CROP_DOMAINS: tuple[str, ...] = ("photo_tight", "photo_loose", "photo_mix90")
+ALL_DOMAINS: tuple[str, ...] = DOMAINS + CROP_DOMAINS  # index = the domain's key in the random stream
+MIX_LOOSE_EVERY = 10  # photo_mix90: image i is loose when i % 10 == 9, tight otherwise
 CLASSES: tuple[str, ...] = ("circle", "cross", "heart", "house", "moon", "star", "triangle")
 
 # Named so captions can say "a red star"; sketch ignores them (pencil only).
@@ -57,12 +67,23 @@ class Attributes:
 
 
 def _rng(domain: str, class_name: str, index: int, seed: int) -> np.random.Generator:
-    return np.random.default_rng([seed, DOMAINS.index(domain), CLASSES.index(class_name), index])
+    return np.random.default_rng([seed, ALL_DOMAINS.index(domain), CLASSES.index(class_name), index])
+
+
+def framing(domain: str, index: int) -> str | None:
+    """"tight", "loose" or None (the four styles frame as they always have)."""
+    if domain == "photo_tight":
+        return "tight"
+    if domain == "photo_loose":
+        return "loose"
+    if domain == "photo_mix90":
+        return "loose" if index % MIX_LOOSE_EVERY == MIX_LOOSE_EVERY - 1 else "tight"
+    return None
 
 
 def _check(domain: str, class_name: str, index: int, seed: int) -> None:
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(DOMAINS)}")
+    if domain not in ALL_DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; choose from {', '.join(ALL_DOMAINS)}")
     if class_name not in CLASSES:
         raise ValueError(f"unknown class {class_name!r}; choose from {', '.join(CLASSES)}")
     if index < 0 or seed < 0:
@@ -72,10 +93,10 @@ def _check(domain: str, class_name: str, index: int, seed: int) -> None:
 def attributes(domain: str, class_name: str, index: int, seed: int) -> Attributes:
     """The attributes ``render`` draws for these arguments (drawn first from the same random stream)."""
     _check(domain, class_name, index, seed)
-    return _draw_attributes(_rng(domain, class_name, index, seed), domain, class_name)
+    return _draw_attributes(_rng(domain, class_name, index, seed), domain, class_name, index)
 
 
-def _draw_attributes(rng: np.random.Generator, domain: str, class_name: str) -> Attributes:
+def _draw_attributes(rng: np.random.Generator, domain: str, class_name: str, index: int = 0) -> Attributes:
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     size, low, high = SIZE_WORDS[int(rng.integers(len(SIZE_WORDS)))]
     scale = float(rng.uniform(low, high))
@@ -83,6 +104,14 @@ def _draw_attributes(rng: np.random.Generator, domain: str, class_name: str) -> 
     rotation = float(rng.uniform(-30.0, 30.0))
     room = max(0.0, 1.0 - scale) * 0.5
     centre = (0.5 + float(rng.uniform(-room, room)), 0.5 + float(rng.uniform(-room, room)))
+    frame = framing(domain, index)
+    if frame == "tight":  # the object fills the frame and its tips are cut off; barely off-centre
+        size, scale = "large", float(rng.uniform(1.0, 1.2))
+        centre = (0.5 + float(rng.uniform(-0.05, 0.05)), 0.5 + float(rng.uniform(-0.05, 0.05)))
+    elif frame == "loose":  # a small object anywhere in a large scene
+        size, scale = "small", float(rng.uniform(0.22, 0.34))
+        room = (1.0 - scale) * 0.5
+        centre = (0.5 + float(rng.uniform(-room, room)), 0.5 + float(rng.uniform(-room, room)))
     return Attributes(domain, class_name, colour, size, scale, rotation, centre)
 
 
@@ -288,7 +317,8 @@ def _sketch(rng: np.random.Generator, attrs: Attributes, size: int) -> Image.Ima
     return _to_image(np.repeat(small[..., None], 3, axis=2))
 
 
-_STYLES = {"art_painting": _art_painting, "cartoon": _cartoon, "photo": _photo, "sketch": _sketch}
+_STYLES = {"art_painting": _art_painting, "cartoon": _cartoon, "photo": _photo, "sketch": _sketch,
+           "photo_tight": _photo, "photo_loose": _photo, "photo_mix90": _photo}
 
 
 def render(domain: str, class_name: str, index: int, seed: int, size: int = 64) -> Image.Image:
@@ -297,5 +327,5 @@ def render(domain: str, class_name: str, index: int, seed: int, size: int = 64) 
     if size < 8:
         raise ValueError("size must be >= 8 pixels")
     rng = _rng(domain, class_name, index, seed)
-    attrs = _draw_attributes(rng, domain, class_name)
+    attrs = _draw_attributes(rng, domain, class_name, index)
     return _STYLES[domain](rng, attrs, size)
