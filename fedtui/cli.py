@@ -270,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
 from fedtui.cli_extra import register as _register_extra  # noqa: E402  (schema, report, serve)
 _register_extra(cli)
 
+from fedtui.cli_rounds import register as _register_rounds; _register_rounds(cli)  # noqa: E402,E702  (keys, round)
+
 
 if __name__ == "__main__":
     main()
