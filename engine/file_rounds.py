@@ -765,8 +765,7 @@ def aggregate_round(package_path: Path, update_paths: list[Path], key: PrivateKe
         try:
             got = check_update(Path(path), package, client_keys, codec, shared_global, seen)
         except Refused as refusal:
-            refused.append(refusal)
-            log("warning", str(refusal))
+            refused.append(refusal)  # the caller says so, once (AggregateResult.refused)
             continue
         seen.add(got.client)
         received.append(got)
