@@ -192,10 +192,14 @@ def build_side(preset, with_data: bool, log: Log = _quiet) -> Side:
     else:  # engine.data.make_clients' names, from the domains alone
         not_training = set(preset.data.holdout) | {getattr(preset.data, "eval_domain", "")}
         roster = client_names(preset, [d for d in domains if d not in not_training])
+    # As engine.runner: a backbone the feature cache stands in for (not loaded) gives the adapter no model, and
+    # whatever loads one (seeding torch itself) happens before the seed that fixes the adapter's init.
+    loaded = getattr(backbone, "loaded", True)
+    clip_model, tokenizer = (backbone.model, backbone.tokenizer) if loaded else (None, None)
     torch.manual_seed(preset.run.seed)  # the adapter's init, identical for every client (as engine.runner)
     context = AdapterContext(
         feature_dim=feature_dim, class_names=classes, prompts=prompts, class_text_features=text,
-        logit_scale=backbone.logit_scale, clip_model=backbone.model, tokenizer=backbone.tokenizer,
+        logit_scale=backbone.logit_scale, clip_model=clip_model, tokenizer=tokenizer,
     )
     adapter = build_adapter(preset.adapter.kind, context, preset.adapter.kind_options).to(device)
     return Side(preset, device, strategy, rounds, epochs, adapter, backbone, roster, data)

@@ -39,6 +39,11 @@ STATEFUL = PLAIN + [
     "adapter.kind=clip_adapter", "federation.personal_layers=image_adapter.up", "train.lr=0.001",
     "federation.fraction=0.67",
 ]
+# A robust rule against a faulty client whose noise comes from its own seeded stream, through a lossy codec.
+ROBUST = PLAIN + [
+    "federation.aggregation=median", "federation.compression=int8", 'federation.faulty=["photo"]',
+    "federation.faulty_mode=noise", "federation.faulty_strength=3.0",
+]
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -172,7 +177,8 @@ def test_a_signed_folder_verifies_and_each_kind_of_damage_has_its_own_refusal(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [PLAIN, STATEFUL], ids=["mean", "fedadam-topk-personal-kept-adam-C0.67"])
+@pytest.mark.parametrize("overrides", [PLAIN, STATEFUL, ROBUST],
+                         ids=["mean", "fedadam-topk-personal-kept-adam-C0.67", "median-int8-faulty-noise"])
 def test_three_clients_three_rounds_over_files_equal_the_in_process_run(tmp_path, feature_cache, overrides):
     preset_path = write_preset(tmp_path, feature_cache)
     run_dir = in_process(preset_path, overrides)
