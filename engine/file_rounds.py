@@ -431,6 +431,9 @@ def export_round(preset_path: Path, out: Path, key: PrivateKey, overrides: list[
 
     check_out(out)
     preset, has_data = load_server_preset(Path(preset_path), overrides or [], evaluate, log)
+    if float(getattr(preset.adapter.kind_options, "lora_dropout", 0.0) or 0.0) > 0:
+        log("warning", "adapter.lora_dropout > 0: each site seeds its dropout per client and round, so this run is "
+                       "reproducible but not equal to `fedtui run`'s (which shares torch's stream between clients)")
     side = build_side(preset, has_data, log)
     theta_0 = side.adapter.trainable_state()
     shared, personal = split_keys(theta_0, side.fed.personal_layers)
