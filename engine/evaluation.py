@@ -37,6 +37,28 @@ def accuracy(
     return correct / len(rows)
 
 
+@torch.no_grad()
+def predictions(
+    model: torch.nn.Module,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    rows: np.ndarray,
+    scale: float,
+    batch_size: int = 1024,
+    checkpoint: Callable[[], None] = lambda: None,
+) -> np.ndarray:
+    """The arg-max class of each of ``rows``, in eval mode; ``checkpoint`` runs between batches."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        checkpoint()
+        out.append(model(inputs(rows[start : start + batch_size])).logits(scale).argmax(dim=1))
+    model.train(was_training)
+    return torch.cat(out).cpu().numpy()
+
+
 def strictly_improved(mean_val: float, best_so_far: float | None) -> bool:
     """FedCLIP's rule: a round is selected when its mean val accuracy beats every earlier round's."""
     return best_so_far is None or mean_val > best_so_far
@@ -88,28 +110,51 @@ class Evaluator:
         self.labels, self.scale, self.checkpoint = labels, scale, checkpoint
 
     def measure(self, state_for: Callable[[str], State] | None, restore: State | None) -> tuple[Accuracies, dict[str, float]]:
-        """``state_for(client)`` gives the state to test a client with; None tests the zero-shot head."""
+        """``state_for(client)`` gives the state to test a client with; None tests the zero-shot head.
+
+        The held-out domains are tested with ``restore`` (the server's adapter) when it is given, else with
+        the last client's state. When every client shares one state (no personal layers) and the held-out test
+        uses it too, all rows go through the model in one pass and each split's accuracy is read off by
+        indexing; otherwise one pass per client over its train/val/test rows, and one for the held-out rows."""
         zero_shot = state_for is None
         model, inputs = (self.zero_shot_head, self.zero_shot_inputs) if zero_shot else (self.adapter, self.inputs)
+        parts = ("train", "val", "test")
+        states = {} if zero_shot else {name: state_for(name) for name in self.clients}
+        first = next(iter(states.values()), None)
+        shared = zero_shot or (
+            all(_same_tensors(state, first) for state in states.values())
+            and (restore is None or _same_tensors(restore, first))
+        )
+        if shared:
+            if first is not None:
+                self.adapter.load_trainable_state(first)
+            sets = {(name, part): getattr(split, part) for name, split in self.clients.items() for part in parts}
+            sets.update({("holdout", d): rows for d, rows in self.holdout.items()})
+            scores = self._accuracies(model, inputs, sets)
+            clients = {name: {part: scores[(name, part)] for part in parts} for name in self.clients}
+            return clients, {d: scores[("holdout", d)] for d in self.holdout}
         clients: Accuracies = {}
         loaded: State | None = None
         for name, split in self.clients.items():
-            state = None if zero_shot else state_for(name)
+            state = states[name]
             # Without personal layers every client sees the same state: load (and, for LoRA, merge) it once.
-            if state is not None and not _same_tensors(state, loaded):
+            if not _same_tensors(state, loaded):
                 self.adapter.load_trainable_state(state)
                 loaded = state
-            clients[name] = {
-                part: accuracy(model, inputs, self.labels, getattr(split, part), self.scale, checkpoint=self.checkpoint)
-                for part in ("train", "val", "test")
-            }
-        if not zero_shot and restore is not None and not _same_tensors(restore, loaded):
+            scores = self._accuracies(model, inputs, {part: getattr(split, part) for part in parts})
+            clients[name] = {part: scores[part] for part in parts}
+        if restore is not None and not _same_tensors(restore, loaded):
             self.adapter.load_trainable_state(restore)
-        holdout = {
-            d: accuracy(model, inputs, self.labels, rows, self.scale, checkpoint=self.checkpoint)
-            for d, rows in self.holdout.items()
-        }
-        return clients, holdout
+        return clients, self._accuracies(model, inputs, dict(self.holdout))
+
+    def _accuracies(self, model, inputs, sets: dict) -> dict:
+        """Accuracy on each row set (NaN for an empty one) from one pass over the rows of all of them."""
+        wanted = [np.asarray(rows, dtype=np.int64) for rows in sets.values()]
+        union = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, dtype=np.int64)
+        predicted = predictions(model, inputs, union, self.scale, checkpoint=self.checkpoint)
+        hits = np.zeros(int(union.max()) + 1 if len(union) else 0, dtype=bool)
+        hits[union] = predicted == self.labels.numpy()[union]
+        return {key: (int(hits[rows].sum()) / len(rows) if len(rows) else float("nan")) for key, rows in zip(sets, wanted)}
 
     def wise_curve(self, theta_0: State, theta_1: State, alphas: list[float]) -> list[dict]:
         """WiSE-FT (Wortsman et al.): every client and held-out domain at theta_0 + a (theta_1 - theta_0)."""
