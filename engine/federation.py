@@ -8,6 +8,7 @@ its whole state to ``engine.run_state`` after each round, which is what resume b
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -15,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from engine import events as ev
+from engine import events as ev, training
 from engine.adapters.base import ZeroShotHead
-from engine.compression import build_codec, serialized_nbytes
+from engine.batched import ClientNonFinite, Job, adam_param_groups, choose_batched, train_cohort
+from engine.compression import NoCompression, build_codec, serialized_nbytes
 from engine.control import RunControl
 from engine.evaluation import Evaluator, Selection, nanmean
 from engine.prepare import PreparedRun
@@ -100,6 +102,8 @@ class Federation:
         self.personal: dict[str, State] = {c.name: {k: self.theta_0[k].clone() for k in personal} for c in data.clients}
         self.optimizer_states: dict[str, Any] = {}
         self.client_seconds: dict[str, float] = {}  # training time of this round, until its upload
+        self.local_training = os.environ.get("FEDTUI_LOCAL_TRAINING", "auto")  # see train_clients
+        self._param_groups: list[dict[str, Any]] | None = None  # Adam's param_groups, for the batched path
         self.selection = Selection(preset.eval.selection)
         self.selected_state: State | None = None  # the selection rule's adapter, for WiSE-FT on it too
         names = [c.name for c in data.clients]
@@ -153,12 +157,13 @@ class Federation:
         started = time.perf_counter()
         cohort = sample_cohort(list(self.training_rows), fed.fraction, fed.min_clients, self.preset.run.seed, round_)
         self.emit(ev.RoundStarted(round=round_, clients=cohort, time=time.time()))
-        trained = {name: self.train_client(round_, name, self.epochs) for name in cohort}
+        trained = self.train_clients(round_, {name: self.epochs for name in cohort})
         updates = [ClientUpdate(n, t.state, len(self.training_rows[n]), t.mean_loss) for n, t in trained.items()]
-        for name, extra in self.strategy.extra_epochs(updates).items():
-            if extra > 0:
-                more = self.train_client(round_, name, extra, start=trained[name].state)
-                trained[name] = TrainedClient(more.state, more.mean_loss, trained[name].steps + more.steps)
+        extra = {name: e for name, e in self.strategy.extra_epochs(updates).items() if e > 0}
+        if extra:
+            more = self.train_clients(round_, extra, starts={name: trained[name].state for name in extra})
+            for name, again in more.items():
+                trained[name] = TrainedClient(again.state, again.mean_loss, trained[name].steps + again.steps)
         accepted, bytes_up, bytes_down = self.upload(round_, trained)
         if accepted and self.shared_keys:
             shared_global = {k: self.global_state[k] for k in self.shared_keys}
@@ -169,6 +174,55 @@ class Federation:
         losses = [t.mean_loss for t in trained.values() if t.mean_loss == t.mean_loss]
         return RoundOutcome(round_, float(np.mean(losses)) if losses else None, bytes_up, bytes_down,
                             time.perf_counter() - started)
+
+    def train_clients(self, round_: int, epochs: dict[str, int],
+                      starts: dict[str, State] | None = None) -> dict[str, TrainedClient]:
+        """Train each named client ``epochs[name]`` epochs from ``starts[name]`` (default: its state this round).
+
+        Kinds that can (``engine.batched``) train the whole cohort in one batched computation, with the same
+        batches, random streams and Adam arithmetic as one client after another; the others, and a cohort of
+        one, train one by one. ``self.local_training`` (env ``FEDTUI_LOCAL_TRAINING``: auto | batched |
+        sequential) forces a path; auto is a fixed rule, so a resumed run takes the same path."""
+        starts = starts or {}
+        # A replaced ``train_locally`` (fault injection in a test, a profiler's wrapper) is meant to see every
+        # client, so the cohort then trains one by one through it.
+        instrumented = train_locally is not training.train_locally
+        if instrumented or not choose_batched(self.adapter, len(epochs), self.local_training):
+            return {name: self.train_client(round_, name, e, start=starts.get(name)) for name, e in epochs.items()}
+        train = self.preset.train
+        keep_optimizer = not train.reset_optimizer_each_round
+        jobs = [
+            Job(name, starts[name] if name in starts else self.client_state(name), self.training_rows[name], e,
+                self.generators[name], self.optimizer_states.get(name) if keep_optimizer else None,
+                None if name not in self.faulty else self.labels_for(name))
+            for name, e in epochs.items()
+        ]
+        global_shared = {k: self.global_state[k] for k in self.shared_keys}
+
+        def penalty(params: State):
+            return self.strategy.local_penalty({k: params[k] for k in self.shared_keys}, global_shared)
+
+        def on_step(name: str, step: int, steps: int, loss: float) -> None:
+            if step == steps or step % 5 == 0:
+                self.emit(ev.ClientProgress(round=round_, client=name, step=step, steps=steps, loss=loss))
+
+        if self._param_groups is None:
+            count = sum(1 for p in self.adapter.parameters() if p.requires_grad)
+            self._param_groups = adam_param_groups(train, count)
+        try:
+            results = train_cohort(self.adapter, jobs, self.inputs, self.data.labels, train, self.scale,
+                                   self._param_groups, penalty, keep_optimizer, self.control.checkpoint, on_step)
+        except ClientNonFinite as error:
+            self.diverged(f"client {error.client}, round {round_}: {error}")
+        trained: dict[str, TrainedClient] = {}
+        for job, result in zip(jobs, results):
+            if not finite(result.state):
+                self.diverged(f"client {job.name}, round {round_}: its adapter is not finite after local training")
+            if keep_optimizer:
+                self.optimizer_states[job.name] = result.optimizer_state
+            self.client_seconds[job.name] = self.client_seconds.get(job.name, 0.0) + result.seconds
+            trained[job.name] = TrainedClient(result.state, result.mean_loss, result.steps)
+        return trained
 
     def train_client(self, round_: int, name: str, epochs: int, start: State | None = None) -> TrainedClient:
         """Train ``name`` from the global state (plus its personal part)."""
@@ -222,11 +276,11 @@ class Federation:
                 delta = self.misbehave(name, round_, delta)
             sent, skipped = 0, False
             if delta:
-                relative = norm(delta) / max(norm(shared_global), 1e-12)
-                if fed.skip_threshold and relative < fed.skip_threshold:
+                # The norms (float64, a pass over the adapter twice) only when a threshold asks for them.
+                if fed.skip_threshold and norm(delta) / max(norm(shared_global), 1e-12) < fed.skip_threshold:
                     skipped = True
                 else:
-                    decoded, sent = self.codec.roundtrip(name, delta)
+                    decoded, sent = self.send(name, delta)
                     rebuilt = {k: shared_global[k] + decoded[k] for k in self.shared_keys}
                     accepted.append(ClientUpdate(name, rebuilt, len(self.training_rows[name]), client.mean_loss))
             bytes_up_total += sent
@@ -239,6 +293,13 @@ class Federation:
                 )
             )
         return accepted, bytes_up_total, bytes_down_total
+
+    def send(self, name: str, delta: State) -> tuple[State, int]:
+        """(the delta as the server rebuilds it, bytes on the wire). Uncompressed float tensors come back from
+        safetensors exactly as they went in, so that round trip is skipped and only its length computed."""
+        if type(self.codec) is NoCompression:
+            return delta, serialized_nbytes(delta)
+        return self.codec.roundtrip(name, delta)
 
     def labels_for(self, name: str) -> torch.Tensor:
         fed = self.preset.federation

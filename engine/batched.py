@@ -1,0 +1,384 @@
+"""Local training of a whole cohort at once: the clients' adapters stacked, one batched step for all.
+
+Each client's adapter parameters become one row of a stacked tensor ``[K, ...]``; a step runs the
+adapter's own ``forward`` under ``torch.vmap`` (``torch.func.functional_call`` with the row as the
+parameters), takes the gradient of the sum of the clients' losses (client k's loss depends on row k only,
+so row k of the gradient is exactly its own gradient) and applies Adam to the stack. The sequential path
+(``engine.training.train_locally``, one client and one 32-row step at a time) spends ~2.7 ms a step in
+Python and dispatch for ~0.1 ms of arithmetic; here that overhead is paid once per step for the cohort.
+
+What stays each client's own, so the results equal the sequential path's:
+
+- its random stream: a client's batches are drawn from its own generator, in the same order (all epochs'
+  permutations up front, which is what the sequential loop draws between its steps);
+- its schedule: clients with fewer rows run out of batches earlier. At step s the clients that still have a
+  batch are grouped by batch size (the last batch of an epoch is shorter) and each group is one vmap call,
+  so no batch is padded and the in-batch contrastive loss sees exactly the sequential batch;
+- its optimiser: ``StackedAdam`` is torch's single-tensor Adam (``torch.optim.adam._single_tensor_adam``, what
+  ``torch.optim.Adam`` runs on the CPU: L2 decay added to the gradient, lerp for the first moment, mul/addcmul
+  for the second, bias corrections from the client's own step count) done op for op on the stack's rows, so
+  every element sees the same float32 operations; only clients that had a batch at a step take it. Its state
+  goes in and out in ``torch.optim.Adam.state_dict()`` form, so both paths (and resume) share it. torch's
+  fused CPU Adam would be twice as fast again but is not bit-identical (it rounds the last division otherwise
+  for about one element in a thousand), so it is not used.
+
+Measured on the reference CPU (tests/test_speed_paths.py): trained parameters, optimiser moments and
+accuracies are bit for bit the sequential path's for every batchable kind, with FedProx's penalty and with
+moments kept across rounds. The one difference is the *reported* loss value: the sequential
+``F.cross_entropy`` reduces its mean with ATen's cascade sum, the vmapped one with a plain vectorised sum,
+so a logged loss can differ in its last bit or two (relative ~1e-7). Gradients are not affected (they do
+not depend on how the mean was summed). On another BLAS or on CUDA the batched matmuls may also sum in
+another order; the tests hold both paths to 1e-5.
+
+Only kinds whose forward is a pure function of (parameters, features) batch: ``BATCHABLE``. LoRA and
+prompt learning run a CLIP encoder in the loop and stay sequential.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from engine.adapters.base import Adapter
+from engine.losses import LOSSES
+from engine.presets import TrainSection
+from engine.training import NonFiniteLoss
+
+State = dict[str, torch.Tensor]
+
+BATCHABLE = frozenset({"attai", "clip_adapter", "text_adapter", "both", "linear_head"})
+# The batched path wins from this many clients on. Measured (benchmarks/speed.py, CPU time of local training
+# alone, 2-core Xeon, one thread, d = 128, 168 rows a client, batch 32), sequential / batched: attai K=2 1.0x,
+# K=3 1.4x, K=4 1.5-1.7x, K=16 2.9x, K=64 3.0-3.4x; linear_head K=2 1.1x, K=3 1.6x, K=64 8.9x. In a run the
+# sequential path also pays for a torch optimiser per client (and, once, the 1.5 s torch._dynamo import it
+# triggers), so K=2 would not lose either; 3 keeps the rule on the measured side.
+MIN_COHORT = 3
+
+
+def can_batch(adapter: Adapter) -> bool:
+    """The kind's own class (a wrapper such as the random-subspace one reports its inner kind, and does not batch)."""
+    return type(adapter).kind in BATCHABLE and not getattr(adapter.options, "subspace_dim", 0)
+
+
+def choose_batched(adapter: Adapter, clients: int, mode: str = "auto") -> bool:
+    """The batched path for a cohort of ``clients``? ``mode``: auto | batched | sequential.
+
+    A fixed rule (kind and cohort size), never a timing, so a resumed run takes the path the
+    uninterrupted run took."""
+    if mode == "sequential" or not can_batch(adapter):
+        return False
+    if mode == "batched":
+        return True
+    if mode != "auto":
+        raise ValueError(f"local training mode {mode!r}: auto, batched or sequential")
+    return clients >= MIN_COHORT
+
+
+class ClientNonFinite(NonFiniteLoss):
+    """A client's loss became non-finite in the batched step; names the client like the sequential path would."""
+
+    def __init__(self, client: str, message: str):
+        super().__init__(message)
+        self.client = client
+
+
+@dataclass
+class Job:
+    """One client's local training: where it starts, its rows and epochs, its random stream and Adam state."""
+
+    name: str
+    start: State
+    rows: np.ndarray
+    epochs: int
+    generator: torch.Generator
+    optimizer_state: dict[str, Any] | None = None  # torch.optim.Adam.state_dict() form, or None for fresh moments
+    labels: torch.Tensor | None = None  # this client's labels for every row (a label-flipping client's), or the run's
+
+
+@dataclass
+class JobResult:
+    state: State
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    optimizer_state: dict[str, Any] | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+
+class StackedAdam:
+    """torch Adam (L2-coupled decay, no amsgrad) on stacked parameters ``{name: [K, ...]}``, one step count per row.
+
+    The update is torch's single-tensor Adam, operation for operation; on the CPU it runs over pieces of
+    ``CHUNK`` floats so that the seven passes of one piece stay in the core's cache (a cohort's stack is tens
+    of MB; elementwise operations give the same bits on a piece as on the whole)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, params: State, train: TrainSection):
+        self.params = params
+        self.lr, self.eps, self.decay = float(train.lr), float(train.eps), float(train.weight_decay)
+        self.beta1, self.beta2 = (float(b) for b in train.betas)
+        with torch.no_grad():
+            self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+            self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        rows = next(iter(params.values())).shape[0] if params else 0
+        self.steps = np.zeros(rows, dtype=np.int64)
+        self.started = np.zeros(rows, dtype=bool)  # has state, as torch's Adam after its first step or a load
+
+    def load(self, row: int, names: list[str], saved: dict[Any, dict[str, torch.Tensor]]) -> None:
+        """Row ``row``'s moments from ``torch.optim.Adam.state_dict()["state"]`` (index i: ``names[i]``)."""
+        if not saved:
+            return
+        with torch.no_grad():
+            for index, name in enumerate(names):
+                slots = saved[index]
+                self.exp_avg[name][row].copy_(slots["exp_avg"])
+                self.exp_avg_sq[name][row].copy_(slots["exp_avg_sq"])
+        self.steps[row] = int(float(saved[0]["step"]))
+        self.started[row] = True
+
+    def saved(self, row: int, names: list[str]) -> dict[int, dict[str, torch.Tensor]]:
+        if not self.started[row]:
+            return {}
+        step = torch.tensor(float(self.steps[row]), dtype=torch.float32)  # torch keeps it as a float32 tensor
+        plain = torch.contiguous_format
+        return {i: {"step": step.clone(), "exp_avg": self.exp_avg[n][row].clone(memory_format=plain),
+                    "exp_avg_sq": self.exp_avg_sq[n][row].clone(memory_format=plain)} for i, n in enumerate(names)}
+
+    @torch.no_grad()
+    def adopt_layout(self, grads: State) -> None:
+        """Store each stack in the memory order its gradient comes in (a linear layer's weight gradient comes
+        transposed under vmap), so the update reads every tensor front to back. Values are unchanged, and the
+        forward sees the same numbers: only where they lie in memory moves."""
+        for name, grad in grads.items():
+            param = self.params[name]
+            if grad.dim() < 3 or grad.shape != param.shape or grad.stride() == param.stride():
+                continue
+            inner = sorted(range(1, grad.dim()), key=lambda i: -grad.stride(i))
+            order = [0, *inner]
+            inverse = [order.index(i) for i in range(grad.dim())]
+            for stacks in (self.params, self.exp_avg, self.exp_avg_sq):
+                stacks[name] = stacks[name].permute(order).contiguous().permute(inverse)
+
+    @torch.no_grad()
+    def step(self, rows: list[int], grads: State) -> None:
+        """One Adam step for the clients in ``rows``; ``grads[name]`` is ``[len(rows), ...]`` in that order."""
+        self.steps[rows] += 1
+        self.started[rows] = True
+        counts = self.steps[rows]
+        everyone = len(rows) == len(self.steps) and rows == list(range(len(self.steps)))
+        for count in np.unique(counts):
+            picked = np.flatnonzero(counts == count)
+            if len(picked) == len(rows) and everyone:
+                self._update(int(count), grads, None)
+            else:
+                device = next(iter(grads.values())).device
+                stack_rows = torch.as_tensor([rows[i] for i in picked], device=device)
+                if len(picked) == len(rows):
+                    group = grads
+                else:
+                    picked_rows = torch.as_tensor(picked, device=device)
+                    group = {n: g.index_select(0, picked_rows) for n, g in grads.items()}
+                self._update(int(count), group, stack_rows)
+
+    def _update(self, step: int, grads: State, rows: torch.Tensor | None) -> None:
+        bias_correction1 = 1 - self.beta1 ** float(step)
+        bias_correction2 = 1 - self.beta2 ** float(step)
+        step_size = self.lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        for name, grad in grads.items():
+            stacks = (self.params[name], self.exp_avg[name], self.exp_avg_sq[name])
+            param, m, v = stacks if rows is None else (t.index_select(0, rows) for t in stacks)
+            per_row = max(param[0].numel(), 1)
+            # Whole clients per piece: a gradient may come transposed (a linear layer's weight under vmap), and a
+            # row range of it is still a plain strided view, where a flat range would need a copy first.
+            step_rows = max(1, self.CHUNK // per_row) if param.device.type == "cpu" else len(param)
+            scratch = torch.empty_like(param[:step_rows])  # the stack's memory layout (see ``adopt_layout``)
+            denom = torch.empty_like(scratch)
+            for start in range(0, len(param), step_rows):
+                p, g, m_, v_ = (t[start : start + step_rows] for t in (param, grad, m, v))
+                n = len(p)
+                # The gradient, plus the L2 decay, into a contiguous buffer: torch's ``grad.add(param, alpha=wd)``.
+                g = torch.add(g, p, alpha=self.decay, out=scratch[:n]) if self.decay != 0 else scratch[:n].copy_(g)
+                m_.lerp_(g, 1 - self.beta1)
+                v_.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                d = torch.sqrt(v_, out=denom[:n]).div_(bias_correction2_sqrt).add_(self.eps)
+                p.addcdiv_(m_, d, value=-step_size)
+            if rows is not None:
+                for stack, updated in zip(stacks, (param, m, v)):
+                    stack.index_copy_(0, rows, updated)
+
+
+def adam_param_groups(train: TrainSection, count: int) -> list[dict[str, Any]]:
+    """``engine.training.make_optimizer(...).state_dict()["param_groups"]`` for ``count`` tensors, without
+    building a torch optimiser: that imports torch._dynamo (1.5 s) on first use. Tested equal to torch's."""
+    return [{
+        "lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay,
+        "amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+        "fused": None, "decoupled_weight_decay": False, "params": list(range(count)),
+    }]
+
+
+def _batched_loss_function(adapter: Adapter, loss: str, scale: float, penalty):
+    """(params [G, ...], x [G, B, ...], y [G, B]) -> (loss + penalty [G], loss [G]) for a group of clients.
+
+    The adapter's forward runs under vmap; the two built-in losses are then computed on the batch of clients
+    with the very operations ``engine.losses`` does per client (log-softmax over each row, the label's entry,
+    its mean), where vmapping ``F.cross_entropy`` would go through a Python decomposition that is slower and
+    imports sympy (0.8 s). Any other loss is vmapped as it is."""
+    from torch.func import functional_call  # no torch._dynamo: vmap + autograd only (torch.func.grad imports it)
+
+    def forward(row: dict[str, torch.Tensor], x: torch.Tensor):
+        scores = functional_call(adapter, row, (x,))
+        return (scores.image, scores.classes) + (() if scores.bias is None else (scores.bias,))
+
+    def extra(row: dict[str, torch.Tensor]):
+        value = penalty(row)
+        return torch.zeros(()) if value is None else value
+
+    forward_all, penalty_all = torch.vmap(forward), torch.vmap(extra)
+    own = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+    has_penalty = penalty(own) is not None  # FedProx with mu > 0; None for every other rule
+
+    if loss not in ("contrastive", "ce"):
+        loss_fn = LOSSES[loss]
+
+        def vmapped(row, x, y):
+            plain = loss_fn(functional_call(adapter, row, (x,)), y, scale)
+            value = penalty(row)
+            return (plain if value is None else plain + value), plain
+
+        return torch.vmap(vmapped)
+
+    def mean_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """F.cross_entropy(logits[g], target[g]) for each g: log-softmax over the last dim, mean of -log p."""
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (-picked).mean(dim=-1)
+
+    def batched(params, x, y):
+        image, classes, *bias = forward_all(params, x)
+        groups = torch.arange(len(y), device=y.device).unsqueeze(1)
+        if loss == "contrastive":  # engine.losses.contrastive_loss
+            # A class table the clients share (a frozen buffer) comes out of vmap expanded: index it once.
+            picked = classes[0][y] if classes.stride(0) == 0 else classes[groups, y]
+            logits = scale * image @ picked.transpose(1, 2)
+            if bias:
+                logits = logits + bias[0][groups, y].unsqueeze(1)
+            target = torch.arange(y.shape[1], device=y.device).expand_as(y)
+            plain = (mean_nll(logits, target) + mean_nll(logits.transpose(1, 2), target)) / 2
+        else:  # engine.losses.class_cross_entropy: ClassScores.logits, then cross-entropy against the labels
+            logits = scale * image @ classes.transpose(1, 2)
+            if bias:
+                logits = logits + bias[0].unsqueeze(1)
+            plain = mean_nll(logits, y)
+        return (plain + penalty_all(params) if has_penalty else plain), plain
+
+    return batched
+
+
+def batch_schedule(rows: np.ndarray, batch: int, epochs: int, generator: torch.Generator) -> list[np.ndarray]:
+    """The batches ``train_locally`` would train on, in order: a shuffle per epoch, batches of one skipped."""
+    chunks = []
+    for _ in range(epochs):
+        order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+        chunks.extend(c for c in (order[s : s + batch] for s in range(0, len(order), batch)) if len(c) >= 2)
+    return chunks
+
+
+def train_cohort(
+    adapter: Adapter,
+    jobs: list[Job],
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    labels: torch.Tensor,
+    train: TrainSection,
+    scale: float,
+    param_groups: list[dict[str, Any]],
+    penalty: Callable[[dict[str, torch.Tensor]], torch.Tensor | None] = lambda params: None,
+    keep_optimizer: bool = False,
+    checkpoint: Callable[[], None] = lambda: None,
+    on_step: Callable[[str, int, int, float], None] = lambda client, step, steps, loss: None,
+) -> list[JobResult]:
+    """Train every job's client together; ``JobResult`` per job, in order.
+
+    ``penalty(params)`` is the strategy's local term for one client's parameters (called under vmap);
+    ``param_groups`` is what ``torch.optim.Adam(...).state_dict()["param_groups"]`` holds for this adapter,
+    returned with the moments when ``keep_optimizer``. ``on_step(client, step, steps, loss)`` after each step.
+    """
+    from torch.func import functional_call  # no torch._dynamo: vmap + autograd only (torch.func.grad imports it)
+
+    started = time.perf_counter()
+    loss_fn = LOSSES[train.loss]
+    names = [n for n, p in adapter.named_parameters() if p.requires_grad]
+    schedules = [batch_schedule(job.rows, train.batch_size, job.epochs, job.generator) for job in jobs]
+    lengths = [len(s) for s in schedules]
+
+    like = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        params = {n: torch.stack([job.start[n] for job in jobs]).to(like[n].device, like[n].dtype).contiguous()
+                  for n in names}
+    optimizer = StackedAdam(params, train)
+    for k, job in enumerate(jobs):
+        optimizer.load(k, names, job.optimizer_state.get("state", {}) if job.optimizer_state else {})
+
+    batched_loss = _batched_loss_function(adapter, train.loss, scale, penalty)
+    losses: list[list[float]] = [[] for _ in jobs]
+    was_training = adapter.training
+    adapter.train()
+    for s in range(max(lengths, default=0)):
+        active = [k for k in range(len(jobs)) if s < lengths[k]]
+        by_size: dict[int, list[int]] = {}
+        for k in active:
+            by_size.setdefault(len(schedules[k][s]), []).append(k)
+        for size, members in by_size.items():
+            checkpoint()
+            rows = np.concatenate([schedules[k][s] for k in members])
+            x = inputs(rows)
+            x = x.reshape(len(members), size, *x.shape[1:])
+            device = x.device
+            own = [jobs[k].labels for k in members]
+            if all(t is None for t in own):
+                y = labels[rows]
+            else:
+                y = torch.cat([(labels if t is None else t)[schedules[k][s]] for k, t in zip(members, own)])
+            y = y.to(device).reshape(len(members), size)
+            whole = len(members) == len(jobs)
+            index = torch.as_tensor(members, device=device)
+            leaves = {n: (params[n] if whole else params[n].index_select(0, index)).detach().requires_grad_()
+                      for n in names}
+            totals, plain = batched_loss(leaves, x, y)
+            finite = torch.isfinite(totals.detach())
+            if not bool(finite.all()):
+                position = int((~finite).nonzero()[0, 0])
+                bad = members[position]
+                value = float(totals.detach()[position])
+                raise ClientNonFinite(jobs[bad].name, f"loss {value} at step {s + 1} of {lengths[bad]}")
+            grads = torch.autograd.grad(totals.sum(), [leaves[n] for n in names])
+            del leaves, totals
+            if s == 0 and whole:
+                optimizer.adopt_layout(dict(zip(names, grads)))
+            optimizer.step(members, dict(zip(names, grads)))
+            for k, value in zip(members, plain.detach().tolist()):
+                losses[k].append(value)
+                on_step(jobs[k].name, len(losses[k]), lengths[k], value)
+    adapter.train(was_training)
+
+    seconds = time.perf_counter() - started
+    total_steps = max(sum(lengths), 1)
+    results = []
+    for k, job in enumerate(jobs):
+        state = {n: params[n][k].clone(memory_format=torch.contiguous_format) for n in names}
+        optimizer_state = {"state": optimizer.saved(k, names), "param_groups": param_groups} if keep_optimizer else None
+        results.append(JobResult(state, losses[k], seconds * lengths[k] / total_steps, optimizer_state))
+    return results
+
+
