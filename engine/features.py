@@ -18,26 +18,39 @@ again; a file SQLite cannot read as a database is renamed ``<name>.damaged-<time
 Both are reported through the run's log, naming the path.
 
 A second table names an image's content without decoding it (``source_key``: a synthetic image by generator
-and arguments, a file by path, size and times), so a warm run neither renders nor decodes.
+and arguments, a file by path, size and times), so a warm run neither renders nor decodes. A third holds the
+class prompts' text features, keyed by tokenizer, device type and prompt text (the file is already the
+weights'), so a warm run needs no text encoder either.
+
+``ModelIndex`` (``<cache>/models.sqlite``) lets a warm run find all of that without building the model:
+it maps a cheap key for the weights (``engine.backbone.model_key``: the SHA-256 of the weights file and its
+config, the file's hash itself kept by (path, size, times) like the image source keys) to what the run would
+otherwise read off the loaded model: the full weights fingerprint, which names the feature file, the
+preprocessing and tokenizer ids, ``logit_scale`` and the parameter bytes. When every image feature and every
+prompt's text feature is then found, the run neither imports open_clip nor builds CLIP
+(``engine.backbone.CachedBackbone``); the first miss loads it.
+
+On CUDA the images to encode are read, hashed and preprocessed by DataLoader workers into pinned memory
+while the GPU encodes the previous batch (fp16 autocast, as the reference runs CLIP).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import sqlite3
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engine.backbone import Backbone
 from engine.data import ImageFolderSource, ImageRef, ImageSource, SyntheticSource
 
 T = TypeVar("T")
@@ -53,6 +66,11 @@ _SCHEMA = (
     " (content_hash TEXT PRIMARY KEY, feature BLOB NOT NULL, crc INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sources"
     " (source_key TEXT PRIMARY KEY, content_hash TEXT NOT NULL, crc INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS texts (text_key TEXT PRIMARY KEY, feature BLOB NOT NULL, crc INTEGER NOT NULL)",
+)
+_INDEX_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS files (file_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, crc INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS models (model_key TEXT PRIMARY KEY, record TEXT NOT NULL, crc INTEGER NOT NULL)",
 )
 
 
@@ -85,7 +103,7 @@ def _is_damage(error: sqlite3.DatabaseError) -> bool:
     return (getattr(error, "sqlite_errorcode", 0) & 0xFF) in _DAMAGE
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None)
     try:
         # The largest page: rows of any CLIP width (up to 1024 floats) sit whole in it, packed tight. New files only.
@@ -93,7 +111,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")  # a commit is one append; readers never block the writer
         db.execute("PRAGMA synchronous=NORMAL")  # safe against a killed process; power loss may drop the last commits
         db.execute("PRAGMA cell_size_check=ON")  # find a damaged page when it is read, not after building on it
-        for statement in _SCHEMA:
+        for statement in schema:
             db.execute(statement)
     except BaseException:
         db.close()
@@ -101,71 +119,67 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-class FeatureCache:
-    """Feature rows by content hash: ``put`` then ``save`` commits; damage is dropped and reported, never returned."""
+class _Database:
+    """One SQLite file whose rows carry a CRC: damaged rows are dropped, a damaged file is set aside and restarted.
 
-    def __init__(self, cache_dir: Path, backbone: Backbone, log: Log = lambda level, text: None):
-        self.path = cache_dir / "features" / f"{backbone.fingerprint[:24]}-{backbone.preprocess_fingerprint}.sqlite"
-        self.log = log
+    Rows are ``(key, value, crc)`` in ``tables``; ``put`` queues one and ``save`` commits the queue in one
+    short transaction."""
+
+    tables: dict[str, str] = {}  # table -> its key column
+    text_tables: frozenset[str] = frozenset()  # tables whose values are TEXT rather than BLOB
+    schema: tuple[str, ...] = ()
+    replaced: frozenset[str] = frozenset()  # a row may change under its key (INSERT OR REPLACE), else IGNORE
+    what = "cache"  # for messages
+
+    def __init__(self, path: Path, log: Log):
+        self.path, self.log = path, log
         self.dropped = 0  # rows that failed their checksum this session
-        self._features: list[tuple[str, bytes, int]] = []  # put since the last save
-        self._sources: list[tuple[str, str, int]] = []
+        self._pending: dict[str, list[tuple[str, Any, int]]] = {t: [] for t in self.tables}  # put since the last save
         # Rows read from this file, written into a fresh one should this one turn out damaged mid-run.
-        self._served: list[tuple[str, bytes, int]] = []
+        self._served: dict[str, list[tuple[str, Any, int]]] = {t: [] for t in self.tables}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = _connect(self.path)
+            self._db = _connect(self.path, self.schema)
         except sqlite3.DatabaseError as error:
             if not _is_damage(error):
                 raise
             self._set_aside(error)
-            self._db = _connect(self.path)
+            self._db = _connect(self.path, self.schema)
 
-    def __enter__(self) -> FeatureCache:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def get(self, content_hash: str) -> np.ndarray | None:
-        query = "SELECT feature, crc FROM features WHERE content_hash = ?"
-        row = self._guard(lambda db: db.execute(query, (content_hash,)).fetchone(), None)
+    def _get(self, table: str, key: str) -> bytes | None:
+        """The value stored under ``key`` if its checksum holds; text values come back as their UTF-8 bytes."""
+        column, value_column = self.tables[table], _VALUE_COLUMNS[table]
+        text = table in self.text_tables
+        # Text as bytes: damaged text may not even decode, and the checksum is over the bytes anyway.
+        selected = f"CAST({value_column} AS BLOB)" if text else value_column
+        query = f"SELECT {selected}, crc FROM {table} WHERE {column} = ?"
+        row = self._guard(lambda db: db.execute(query, (key,)).fetchone(), None)
         if row is None:
             return None
-        feature, crc = row
-        if isinstance(feature, bytes) and crc == _crc(content_hash, feature):
-            self._served.append((content_hash, feature, crc))
-            return np.frombuffer(feature, dtype=np.float32)
-        self._drop("DELETE FROM features WHERE content_hash = ?", content_hash)
+        value, crc = row
+        if isinstance(value, bytes) and crc == _crc(key, value):
+            self._served[table].append((key, value.decode() if text else value, crc))
+            return value
+        self._drop(f"DELETE FROM {table} WHERE {column} = ?", key)
         return None
 
-    def put(self, content_hash: str, feature: np.ndarray) -> None:
-        blob = np.ascontiguousarray(feature, dtype=np.float32).tobytes()
-        self._features.append((content_hash, blob, _crc(content_hash, blob)))
-
-    def source_hash(self, source_key: str) -> str | None:
-        """The content hash last seen under ``source_key``, if any."""
-        # As bytes: damaged text may not even decode, and the checksum is over the bytes anyway.
-        query = "SELECT CAST(content_hash AS BLOB), crc FROM sources WHERE source_key = ?"
-        row = self._guard(lambda db: db.execute(query, (source_key,)).fetchone(), None)
-        if row is None:
-            return None
-        content_hash, crc = row
-        if isinstance(content_hash, bytes) and crc == _crc(source_key, content_hash):
-            return content_hash.decode()
-        self._drop("DELETE FROM sources WHERE source_key = ?", source_key)
-        return None
-
-    def put_source(self, source_key: str, content_hash: str) -> None:
-        self._sources.append((source_key, content_hash, _crc(source_key, content_hash.encode())))
+    def _put(self, table: str, key: str, value: bytes | str) -> None:
+        """Queue a row; text tables take ``str`` (stored as TEXT, checksummed over its UTF-8 bytes)."""
+        self._pending[table].append((key, value, _crc(key, value.encode() if isinstance(value, str) else value)))
 
     def save(self) -> None:
         """Commit what was put since the last save, in one short transaction."""
-        if not (self._features or self._sources):
+        if not any(self._pending.values()):
             return
         if not self._guard(self._commit, False):
             self._commit(self._db)  # the damaged file was set aside: the rows go into the fresh one
-        self._features, self._sources = [], []
+        self._pending = {t: [] for t in self.tables}
 
     def close(self) -> None:
         self.save()
@@ -173,16 +187,17 @@ class FeatureCache:
         if self.dropped:
             self.log(
                 "warning",
-                f"feature cache {self.path}: {self.dropped} damaged row(s) failed their checksum; "
+                f"{self.what} {self.path}: {self.dropped} damaged row(s) failed their checksum; "
                 "dropped and encoded again",
             )
 
     def _commit(self, db: sqlite3.Connection) -> bool:
         with db:  # COMMIT, or ROLLBACK on any error
             db.execute("BEGIN IMMEDIATE")  # take the write lock up front, waiting for another writer if need be
-            db.executemany("INSERT OR IGNORE INTO features VALUES (?, ?, ?)", self._features)
-            # The newest sighting wins: a key re-read because its hash had no row may have been stale.
-            db.executemany("INSERT OR REPLACE INTO sources VALUES (?, ?, ?)", self._sources)
+            for table, rows in self._pending.items():
+                if rows:
+                    verb = "INSERT OR REPLACE" if table in self.replaced else "INSERT OR IGNORE"
+                    db.executemany(f"{verb} INTO {table} VALUES (?, ?, ?)", rows)
         return True
 
     def _drop(self, statement: str, key: str) -> None:
@@ -198,9 +213,10 @@ class FeatureCache:
                 raise
             self._db.close()
             self._set_aside(error)
-            self._db = _connect(self.path)
-            self._features[:0] = self._served  # still valid: they passed their checksum when read
-            self._served = []
+            self._db = _connect(self.path, self.schema)
+            for table, rows in self._served.items():
+                self._pending[table][:0] = rows  # still valid: they passed their checksum when read
+            self._served = {t: [] for t in self.tables}
             return fallback
 
     def _set_aside(self, error: sqlite3.DatabaseError) -> None:
@@ -211,8 +227,96 @@ class FeatureCache:
             if with_suffix.exists():
                 os.replace(with_suffix, aside.with_name(aside.name + suffix))
         self.log(
-            "warning", f"feature cache {self.path} is damaged ({error}); moved aside to {aside.name}, starting afresh"
+            "warning", f"{self.what} {self.path} is damaged ({error}); moved aside to {aside.name}, starting afresh"
         )
+
+
+_VALUE_COLUMNS = {"features": "feature", "sources": "content_hash", "texts": "feature", "files": "sha256",
+                  "models": "record"}
+
+
+class FeatureCache(_Database):
+    """Feature rows by content hash, content hashes by source key, prompt features by text key: ``put`` then
+    ``save`` commits; damage is dropped and reported, never returned."""
+
+    tables = {"features": "content_hash", "sources": "source_key", "texts": "text_key"}
+    text_tables = frozenset({"sources"})
+    schema = _SCHEMA
+    # The newest sighting of a source wins: a key re-read because its hash had no row may have been stale.
+    replaced = frozenset({"sources"})
+    what = "feature cache"
+
+    def __init__(self, cache_dir: Path, backbone, log: Log = lambda level, text: None):
+        name = f"{backbone.fingerprint[:24]}-{backbone.preprocess_fingerprint}.sqlite"
+        super().__init__(cache_dir / "features" / name, log)
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        blob = self._get("features", content_hash)
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+    def put(self, content_hash: str, feature: np.ndarray) -> None:
+        self._put("features", content_hash, np.ascontiguousarray(feature, dtype=np.float32).tobytes())
+
+    def source_hash(self, source_key: str) -> str | None:
+        """The content hash last seen under ``source_key``, if any."""
+        content_hash = self._get("sources", source_key)
+        return None if content_hash is None else content_hash.decode()
+
+    def put_source(self, source_key: str, content_hash: str) -> None:
+        self._put("sources", source_key, content_hash)
+
+    def get_text(self, text_key: str) -> np.ndarray | None:
+        blob = self._get("texts", text_key)
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+    def put_text(self, text_key: str, feature: np.ndarray) -> None:
+        self._put("texts", text_key, np.ascontiguousarray(feature, dtype=np.float32).tobytes())
+
+
+class ModelIndex(_Database):
+    """``<cache>/models.sqlite``: weights-file hashes by (path, size, times), and model records by model key.
+
+    A model record (JSON) is what a run reads off a loaded backbone (``engine.backbone.ModelRecord``); it is
+    written whenever a run loads a model that has a key, and read by the next run instead of loading it."""
+
+    tables = {"files": "file_key", "models": "model_key"}
+    text_tables = frozenset({"files", "models"})
+    schema = _INDEX_SCHEMA
+    replaced = frozenset({"files", "models"})
+    what = "model index"
+
+    def __init__(self, cache_dir: Path, log: Log = lambda level, text: None):
+        super().__init__(cache_dir / "models.sqlite", log)
+
+    def file_sha256(self, path: Path) -> str:
+        """SHA-256 of the file's bytes, remembered under its (size, mtime, ctime, absolute path)."""
+        stat = os.stat(path)
+        key = f"file:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{os.path.abspath(path)}"
+        settled = time.time_ns() - stat.st_ctime_ns >= SETTLED_NS
+        known = self._get("files", key) if settled else None
+        if known is not None:
+            return known.decode()
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        if settled:
+            self._put("files", key, digest.hexdigest())
+            self.save()
+        return digest.hexdigest()
+
+    def record(self, model_key: str) -> dict[str, Any] | None:
+        blob = self._get("models", model_key)
+        if blob is None:
+            return None
+        try:
+            return json.loads(blob)
+        except ValueError:
+            return None
+
+    def put_record(self, model_key: str, record: dict[str, Any]) -> None:
+        self._put("models", model_key, json.dumps(record, sort_keys=True))
+        self.save()
 
 
 @functools.cache
@@ -262,62 +366,161 @@ def _look_up(
 def encode_images(
     source: ImageSource,
     refs: list[ImageRef],
-    backbone: Backbone,
+    backbone,
     cache: FeatureCache | None,
     batch_size: int,
     checkpoint: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    workers: int | None = None,
 ) -> EncodedImages:
     """Features for ``refs``: cached rows where the content is known, the encoder for the rest.
 
     Each encoded batch is committed to the cache at once, so a stop or a crash keeps all but the batch in flight.
+    ``workers`` (default: some on CUDA, none on the CPU) read, hash and preprocess the images to encode in
+    DataLoader worker processes, into pinned memory on CUDA; the results are the same either way.
     """
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if backbone.device.type == "cuda" else 0
     started = time.perf_counter()
-    rows: list[np.ndarray | None] = []
-    hashes: list[str] = []
-    kept: list[ImageRef] = []
-    skipped: list[tuple[str, str]] = []
-    pending: list[tuple[int, torch.Tensor]] = []  # (row, preprocessed pixels) awaiting the encoder
+    rows: list[np.ndarray | None] = [None] * len(refs)
+    hashes: list[str | None] = [None] * len(refs)
+    failed: dict[int, str] = {}  # ref index -> why it could not be read
+    pending: list[tuple[int, torch.Tensor]] = []  # (ref index, preprocessed pixels) awaiting the encoder
     encoded = cached = 0
 
-    def flush() -> None:
+    def flush(pixels: torch.Tensor | None = None) -> None:
         nonlocal encoded
         if not pending:
             return
         checkpoint()
-        features = backbone.encode_images(torch.stack([p for _, p in pending])).cpu().numpy()
-        for (row, _), feature in zip(pending, features):
-            rows[row] = feature
+        batch = pixels if pixels is not None else torch.stack([p for _, p in pending])
+        features = backbone.encode_images(batch).cpu().numpy()
+        for (index, _), feature in zip(pending, features):
+            rows[index] = feature
             if cache is not None:
-                cache.put(hashes[row], feature)
+                cache.put(hashes[index], feature)
         if cache is not None:
             cache.save()
         encoded += len(pending)
         pending.clear()
 
+    def skip(index: int, error: BaseException | str) -> None:
+        failed[index] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+
+    to_read: list[tuple[int, str | None, str | None]] = []  # (ref index, source key, content hash it had)
     for i, ref in enumerate(refs):
-        try:
-            content_hash, hit, image = _look_up(source, ref, cache)
-        except sqlite3.Error:
-            raise  # the cache's own trouble, not the image's
-        except Exception as error:  # PIL raises many kinds for damaged files; each is a skip, not a crash
-            skipped.append((ref.location, f"{type(error).__name__}: {error}"))
-            continue
-        kept.append(ref)
-        hashes.append(content_hash)
-        rows.append(hit)
+        if workers:
+            key = source_key(source, ref) if cache is not None else None
+            known = cache.source_hash(key) if key else None
+            hit = cache.get(known) if known else None
+            if hit is None:
+                to_read.append((i, key, known))
+                continue
+            content_hash, image = known, None
+        else:
+            try:
+                content_hash, hit, image = _look_up(source, ref, cache)
+            except sqlite3.Error:
+                raise  # the cache's own trouble, not the image's
+            except Exception as error:  # PIL raises many kinds for damaged files; each is a skip, not a crash
+                skip(i, error)
+                continue
+        hashes[i] = content_hash
         if hit is not None:
+            rows[i] = hit
             cached += 1
         else:
-            pending.append((len(rows) - 1, backbone.preprocess(image)))
+            pending.append((i, backbone.preprocess(image)))
             if len(pending) >= batch_size:
                 flush()
         if i % 256 == 0:
             progress(i, len(refs))
+    if to_read:
+        for batch in _read_in_workers(source, refs, to_read, backbone, batch_size, workers):
+            fresh: list[int] = []  # rows of batch["pixels"] to encode (the readable images, in order)
+            readable = 0
+            for (i, key, known), (content_hash, error) in zip(batch["items"], batch["results"]):
+                if error is not None:
+                    skip(i, error)
+                    continue
+                readable += 1
+                if key and content_hash != known:
+                    cache.put_source(key, content_hash)
+                hashes[i] = content_hash
+                hit = cache.get(content_hash) if cache is not None else None
+                if hit is not None:  # another image (or another key) with this content was encoded before
+                    rows[i] = hit
+                    cached += 1
+                else:
+                    pending.append((i, None))
+                    fresh.append(readable - 1)
+            if fresh:
+                pixels = batch["pixels"]
+                flush(pixels if len(fresh) == len(pixels) else pixels[torch.as_tensor(fresh)])
+            progress(len(refs) - len(to_read) + batch["done"], len(refs))
     flush()
     progress(len(refs), len(refs))
-    features = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0)
-    return EncodedImages(features, kept, hashes, encoded, cached, skipped, time.perf_counter() - started)
+    kept = [i for i in range(len(refs)) if i not in failed]
+    features = torch.from_numpy(np.stack([rows[i] for i in kept])) if kept else torch.zeros(0, 0)
+    skipped = [(refs[i].location, failed[i]) for i in sorted(failed)]
+    return EncodedImages(features, [refs[i] for i in kept], [hashes[i] for i in kept], encoded, cached, skipped,
+                         time.perf_counter() - started)
+
+
+class _ReadImages(torch.utils.data.Dataset):
+    """(content hash, preprocessed pixels, error) for each image to encode, computed in a worker process."""
+
+    def __init__(self, source: ImageSource, refs: list[ImageRef], preprocess: Callable):
+        self.source, self.refs, self.preprocess = source, refs, preprocess
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int):
+        ref = self.refs[index]
+        try:
+            image = self.source.load(ref)
+            return self.source.content_hash(ref, image), self.preprocess(image), None
+        except Exception as error:  # a damaged file is a skip, reported by the main process
+            return None, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items):
+    good = [pixels for _, pixels, error in items if error is None]
+    return {"results": [(content_hash, error) for content_hash, _, error in items],
+            "pixels": torch.stack(good) if good else torch.zeros(0)}
+
+
+def _read_in_workers(source, refs, to_read, backbone, batch_size: int, workers: int):
+    """Batches of what ``_ReadImages`` computes for ``to_read``, in order, with ``items`` and ``done`` added."""
+    loader = torch.utils.data.DataLoader(
+        _ReadImages(source, [refs[i] for i, _, _ in to_read], backbone.preprocess),
+        batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=backbone.device.type == "cuda", prefetch_factor=4,
+        multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
+    )
+    done = 0
+    for batch in loader:
+        items = to_read[done : done + len(batch["results"])]
+        done += len(items)
+        yield {**batch, "items": items, "done": done}
+
+
+def prompt_features(cache: FeatureCache | None, backbone, prompts: list[str]) -> torch.Tensor:
+    """[K, d] raw text features of the class prompts, from the cache when it has every one (CPU float32).
+
+    Keyed by tokenizer, device type (CUDA encodes under fp16 autocast) and prompt text, in the weights' file.
+    A miss encodes all the prompts in one batch, as a run always did, and stores them."""
+    keys = [f"{backbone.tokenizer_id}:{backbone.device.type}:{prompt}" for prompt in prompts]
+    found = [cache.get_text(key) for key in keys] if cache is not None else [None]
+    if all(feature is not None for feature in found) and found:
+        return torch.from_numpy(np.stack(found))
+    features = backbone.encode_prompts(prompts).float().cpu()
+    if cache is not None:
+        for key, feature in zip(keys, features.numpy()):
+            cache.put_text(key, feature)
+        cache.save()
+    return features
 
 
 def load_pixels(source: ImageSource, refs: list[ImageRef], preprocess: Callable) -> torch.Tensor:

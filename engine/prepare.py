@@ -1,4 +1,9 @@
-"""Everything a run needs before its first round: device, backbone, features, clients, prompts."""
+"""Everything a run needs before its first round: device, backbone, features, clients, prompts.
+
+A warm run of a kind that trains on cached features (``FEATURE_ONLY_KINDS``) with weights from a file gets its
+backbone from the feature cache's model index (``engine.backbone.CachedBackbone``): no open_clip import, no
+model built, no image read, unless some feature turns out to be missing.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,34 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.backbone import Backbone, load_backbone
+from engine.backbone import Backbone, CachedBackbone, ModelRecord, load_backbone, model_key
 from engine.data import ClientSplit, ImageSource, build_source, class_prompts, holdout_rows, make_clients
-from engine.features import FeatureCache, default_cache_dir, encode_images, load_pixels
+from engine.features import FeatureCache, ModelIndex, default_cache_dir, encode_images, load_pixels, prompt_features
 from engine.presets import Preset
+
+# Kinds that train on the cached image and prompt features alone: a run of one never needs CLIP's encoders once
+# the cache is warm. The others (lora, prompt, prefix, houlsby, ...) run an encoder in the loop and load CLIP.
+FEATURE_ONLY_KINDS = frozenset({"attai", "clip_adapter", "text_adapter", "both", "linear_head"})
+
+
+def get_backbone(preset: Preset, device: torch.device, cache_dir, log, needs_encoders: bool) -> Backbone | CachedBackbone:
+    """The model index's stand-in when it knows these weights and the kind needs no encoder, else the model."""
+    with ModelIndex(cache_dir, log) as index:
+        keyed = model_key(preset, index.file_sha256)
+        record = ModelRecord.from_json(index.record(keyed[0]) or {}) if keyed else None
+        if record is not None and not needs_encoders:
+            return CachedBackbone(record, device, lambda: load_backbone(preset, device), keyed[1])
+        backbone = load_backbone(preset, device)
+        if keyed:
+            backbone.weights_sha256 = keyed[1]
+            if record != backbone.record():
+                index.put_record(keyed[0], backbone.record().to_json())
+        return backbone
 
 
 @dataclass
 class PreparedRun:
-    backbone: Backbone
+    backbone: Backbone | CachedBackbone
     source: ImageSource
     classes: list[str]
     prompts: list[str]
@@ -45,7 +69,9 @@ def prepare(
 ) -> PreparedRun:
     source = build_source(preset)
     domains = list(preset.data.domains or source.domains)
-    backbone = load_backbone(preset, device)
+    cache_dir = default_cache_dir(preset.run.cache_dir)
+    needs_encoders = needs_images or preset.adapter.kind not in FEATURE_ONLY_KINDS
+    backbone = get_backbone(preset, device, cache_dir, log, needs_encoders)
     if backbone.weights == "random":
         chance = 100.0 / len(source.classes)
         log(
@@ -57,8 +83,10 @@ def prepare(
     refs = [ref for domain in domains for ref in source.refs(domain)]
     if not refs:
         raise ValueError(f"no images found for domains {domains}")
-    with FeatureCache(default_cache_dir(preset.run.cache_dir), backbone, log) as cache:
+    prompts = class_prompts(source.classes, preset.data.prompt_template)
+    with FeatureCache(cache_dir, backbone, log) as cache:
         encoded = encode_images(source, refs, backbone, cache, preset.model.encode_batch_size, checkpoint, progress)
+        text_features = prompt_features(cache, backbone, prompts)
     for location, reason in encoded.skipped:
         log("warning", f"skipped unreadable image {location}: {reason}")
     log("info", f"features: {encoded.encoded} encoded, {encoded.cached} from cache ({cache.path})")
@@ -66,7 +94,6 @@ def prepare(
     labels = torch.tensor([ref.label for ref in encoded.refs], dtype=torch.long)
     row_domains = np.array([ref.domain for ref in encoded.refs])
     clients = make_clients(preset, domains, row_domains, labels.numpy())
-    prompts = class_prompts(source.classes, preset.data.prompt_template)
     digest = hashlib.sha256()
     for content_hash, ref in zip(encoded.hashes, encoded.refs):
         digest.update(f"{content_hash}:{ref.domain}:{ref.label}\n".encode())
@@ -81,7 +108,7 @@ def prepare(
         source=source,
         classes=list(source.classes),
         prompts=prompts,
-        text_features=backbone.encode_prompts(prompts),
+        text_features=text_features.to(device),
         features=encoded.features.to(device),
         labels=labels,
         domains=domains,

@@ -119,7 +119,8 @@ class _Session:
 
     def write_manifest(self, **extra: Any) -> None:
         import numpy
-        import open_clip
+
+        from engine.backbone import open_clip_version  # its version without the seconds its import costs
 
         self.manifest.update(
             {
@@ -130,7 +131,7 @@ class _Session:
                 "versions": {
                     "python": platform.python_version(),
                     "torch": torch.__version__,
-                    "open_clip": open_clip.__version__,
+                    "open_clip": open_clip_version(),
                     "numpy": numpy.__version__,
                     "fedtui": _fedtui_version(),
                 },
@@ -219,14 +220,15 @@ class _Session:
             prompts=data.prompts,
             class_text_features=data.text_features,
             logit_scale=data.backbone.logit_scale,
-            clip_model=data.backbone.model,
-            tokenizer=data.backbone.tokenizer,
+            # A warm run of a feature-only kind has no model (engine.prepare): nothing in it uses one.
+            clip_model=data.backbone.model if data.backbone.loaded else None,
+            tokenizer=data.backbone.tokenizer if data.backbone.loaded else None,
         )
         adapter = build_adapter(preset.adapter.kind, context, preset.adapter.kind_options).to(device)
         self.write_manifest(
             device=str(device),
             weights=data.backbone.weights,
-            weights_fingerprint=data.backbone.fingerprint,
+            **data.backbone.manifest_fields(),
             data_fingerprint=data.data_fingerprint,
             arch=preset.model.arch,
             adapter=preset.adapter.kind,
@@ -256,7 +258,7 @@ class _Session:
                 time=time.time(),
                 selection=preset.eval.selection,
                 adapter_bytes=federation.adapter_bytes,
-                full_clip_bytes=sum(t.numel() * t.element_size() for t in data.backbone.model.state_dict().values()),
+                full_clip_bytes=data.backbone.parameter_bytes,
                 compression=fed.compression,
             )
         )
