@@ -1,0 +1,297 @@
+"""How fast a round is against what it could be, and how fast a run starts (issue #12).
+
+    .venv/bin/python benchmarks/speed.py            # everything, ~1-2 minutes on 2 cores
+    .venv/bin/python benchmarks/speed.py --quick    # fewer repeats
+
+Prints, in one run:
+
+1. Round time at K = 4, 16 and 64 clients (quickstart's shape: d = 128 features, 7 classes, 168 training rows a
+   client, batches of 32, E = 1, AttAI, FedCLIP's Adam) for the engine's own round (``Federation.play_round`` plus
+   its evaluation) against
+   - a plain sequential PyTorch loop doing the same rounds (each client: load the global adapter, a fresh
+     ``torch.optim.Adam``, its shuffled batches one after another; then the mean), and
+   - the compute floor: the adapter's matmul FLOPs for the round (counted by ``torch.utils.flop_counter`` on
+     one client's step) at the matmul rate measured here on the round's own shapes.
+   Times are CPU seconds of this process (``time.process_time``), one thread as a run uses on this machine, the
+   best of several repeats: on a shared machine wall time measures the neighbours.
+2. The batched-vs-sequential crossover of local training alone, K = 1 .. 64 (``engine.batched.MIN_COHORT``).
+3. Cold and warm start of ``fedtui run presets/quickstart.toml`` (fresh feature cache, then warm) against
+   ``python -c "import torch"``, wall seconds (best of a few), and the warm run's peak memory (ru_maxrss).
+
+Targets (issue #12): warm quickstart <= 1.5x ``import torch``; warm peak <= 600 MB; round at K = 64 <= 3x the
+floor and >= 5x faster than the plain loop. The script reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+D, CLASSES, ROWS, BATCH = 128, 7, 168, 32
+
+
+def best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        fn()
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+# --- 1. rounds -------------------------------------------------------------------------------------------------
+
+
+def world(k: int):
+    """A PreparedRun of k clients on random features (no model, no images) and the quickstart preset's settings."""
+    from engine.backbone import CachedBackbone, ModelRecord
+    from engine.data import ClientSplit
+    from engine.prepare import PreparedRun
+    from engine.presets import load_preset
+
+    generator = torch.Generator().manual_seed(0)
+    per_client = ROWS + 56 + 56
+    n = k * per_client + 280
+    features = torch.randn(n, D, generator=generator)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    clients = []
+    for i in range(k):
+        rows = np.arange(i * per_client, (i + 1) * per_client)
+        clients.append(ClientSplit(f"client-{i:02d}", "mixed", rows[:ROWS], rows[ROWS : ROWS + 56], rows[ROWS + 56 :]))
+    record = ModelRecord("benchmark", "benchmark", "benchmark", 100.0, 0, "random")
+
+    def no_model():
+        raise RuntimeError("the benchmark has no model")
+
+    data = PreparedRun(
+        backbone=CachedBackbone(record, torch.device("cpu"), no_model), source=None, classes=list("abcdefg"),
+        prompts=list("abcdefg"), text_features=torch.randn(CLASSES, D, generator=generator), features=features,
+        labels=labels, domains=["mixed", "held"], row_domains=np.array(["mixed"] * n), clients=clients,
+        holdout={"held": np.arange(k * per_client, n)}, encoded=0, cached=n, encode_seconds=0.0,
+        data_fingerprint="benchmark",
+    )
+    preset = load_preset(ROOT / "presets" / "quickstart.toml", ["eval.wise_alphas=[]"])
+    return preset, data
+
+
+def federation(k: int, mode: str):
+    from engine.adapters import AdapterContext, build_adapter
+    from engine.control import RunControl
+    from engine.federation import Federation
+    from engine.strategies import build_strategy
+
+    preset, data = world(k)
+    torch.manual_seed(preset.run.seed)
+    context = AdapterContext(D, data.classes, data.prompts, data.text_features, 100.0)
+    adapter = build_adapter(preset.adapter.kind, context, preset.adapter.kind_options)
+    strategy = build_strategy(preset.federation.aggregation, preset.federation.aggregation_options)
+    fed = Federation(preset, data, adapter, strategy, preset.train.local_epochs, torch.device("cpu"),
+                     lambda event: None, RunControl(), lambda name, state: None)
+    fed.local_training = mode
+    return fed
+
+
+def engine_rounds(k: int, rounds: int, mode: str = "auto"):
+    fed = federation(k, mode)
+    state = {"round": 0}
+
+    def play():
+        for _ in range(rounds):
+            state["round"] += 1
+            outcome = fed.play_round(state["round"])
+            fed.evaluate(state["round"], outcome)
+
+    return play
+
+
+def plain_rounds(k: int, rounds: int):
+    """The same rounds as a plain PyTorch loop: sequential clients, torch Adam, a uniform mean, evaluation."""
+    from engine.losses import contrastive_loss
+
+    fed = federation(k, "sequential")
+    adapter, train, data = fed.adapter, fed.preset.train, fed.data
+    global_state = {n: v.clone() for n, v in adapter.trainable_state().items()}
+    generators = [torch.Generator().manual_seed(i) for i in range(k)]
+
+    def play():
+        nonlocal global_state
+        for _ in range(rounds):
+            states = []
+            for i, client in enumerate(data.clients):
+                adapter.load_trainable_state(global_state)
+                optimizer = torch.optim.Adam([p for p in adapter.parameters() if p.requires_grad], lr=train.lr,
+                                             betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+                order = client.train[torch.randperm(len(client.train), generator=generators[i]).numpy()]
+                for start in range(0, len(order), BATCH):
+                    chunk = order[start : start + BATCH]
+                    if len(chunk) < 2:
+                        continue
+                    loss = contrastive_loss(adapter(data.features[chunk]), data.labels[chunk], 100.0)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    float(loss)
+                states.append(adapter.trainable_state())
+            global_state = {n: torch.stack([s[n] for s in states]).mean(0) for n in global_state}
+            adapter.load_trainable_state(global_state)
+            with torch.no_grad():
+                for client in data.clients:
+                    for rows in (client.train, client.val, client.test):
+                        adapter(data.features[rows]).logits(100.0).argmax(1)
+                for rows in data.holdout.values():
+                    adapter(data.features[rows]).logits(100.0).argmax(1)
+
+    return play
+
+
+def step_flops() -> int:
+    """Matmul FLOPs of one client's training step (forward and backward, batch of 32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.losses import contrastive_loss
+
+    fed = federation(1, "sequential")
+    rows = fed.data.clients[0].train[:BATCH]
+    with FlopCounterMode(display=False) as counter:
+        loss = contrastive_loss(fed.adapter(fed.data.features[rows]), fed.data.labels[rows], 100.0)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def eval_flops(k: int) -> int:
+    """Matmul FLOPs of one round's evaluation: every client's train/val/test rows and the held-out rows, once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fed = federation(1, "sequential")
+    rows = np.arange(100)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fed.adapter(fed.data.features[rows]).logits(100.0)
+    return counter.get_total_flops() * (k * (ROWS + 112) + 280) // 100
+
+
+def matmul_rate(k: int) -> float:
+    """FLOP/s of the round's own matmul shapes: a client batch through a d x d layer, batched over k clients."""
+    x, w = torch.randn(k, BATCH, D), torch.randn(k, D, D)
+    g = torch.randn(k, BATCH, D)
+
+    def products():
+        for _ in range(10):
+            torch.bmm(x, w)
+            torch.bmm(x.transpose(1, 2), g)
+
+    seconds = best(products, 5)
+    return 10 * 2 * (2 * k * BATCH * D * D) / seconds
+
+
+# --- 2. crossover ----------------------------------------------------------------------------------------------
+
+
+def crossover(repeats: int) -> list[tuple[int, float, float]]:
+    from engine.adapters import AdapterContext, build_adapter
+    from engine.batched import Job, adam_param_groups, train_cohort
+    from engine.presets import TrainSection
+    from engine.training import make_optimizer, train_locally
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    context = AdapterContext(D, list("abcdefg"), list("abcdefg"), torch.randn(CLASSES, D, generator=generator), 100.0)
+    adapter = build_adapter("attai", context)
+    theta = adapter.trainable_state()
+    train = TrainSection(batch_size=BATCH)
+    groups = adam_param_groups(train, len(theta))
+    out = []
+    for k in (1, 2, 3, 4, 8, 16, 64):
+        features = torch.randn(ROWS * k, D, generator=generator)
+        labels = torch.randint(0, CLASSES, (ROWS * k,), generator=generator)
+        rows = [np.arange(ROWS * i, ROWS * (i + 1)) for i in range(k)]
+
+        def sequential():
+            for i in range(k):
+                adapter.load_trainable_state(theta)
+                train_locally(adapter, make_optimizer(adapter, train), lambda r: features[r], labels, rows[i], train,
+                              1, 100.0, torch.Generator().manual_seed(i))
+
+        def batched():
+            jobs = [Job(str(i), theta, rows[i], 1, torch.Generator().manual_seed(i)) for i in range(k)]
+            train_cohort(adapter, jobs, lambda r: features[r], labels, train, 100.0, groups)
+
+        out.append((k, best(sequential, repeats), best(batched, repeats)))
+    return out
+
+
+# --- 3. start-up -----------------------------------------------------------------------------------------------
+
+
+def timed_process(args: list[str], env: dict) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - started, usage.ru_maxrss // 1024, process.returncode
+
+
+def start_up(repeats: int) -> dict:
+    fedtui = [sys.executable, "-m", "fedtui", "run", "presets/quickstart.toml"]
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "FEDTUI_CACHE": str(Path(folder) / "cache"), "HF_HUB_OFFLINE": "1"}
+        torch_only = [timed_process([sys.executable, "-c", "import torch"], env) for _ in range(repeats)]
+        cold = timed_process(fedtui + ["--out", str(Path(folder) / "cold")], env)
+        warm = [timed_process(fedtui + ["--out", str(Path(folder) / f"warm{i}")], env) for i in range(repeats)]
+    return {"torch": min(torch_only), "cold": cold, "warm": min(warm), "warm_peak_mb": min(w[1] for w in warm)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    repeats = 2 if args.quick else 4
+    torch.set_num_threads(1)
+    from engine.runner import default_threads
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} thread "
+          f"(a run uses {default_threads()} here), load average {os.getloadavg()[0]:.1f}")
+
+    print(f"\n1. rounds: AttAI d={D}, {ROWS} rows a client, batch {BATCH}, E=1, {args.rounds} rounds, CPU s per round")
+    flops_step = step_flops()
+    steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
+    print(f"   {'K':>3} {'engine':>9} {'plain loop':>11} {'floor':>8} {'engine/floor':>13} {'plain/engine':>13}")
+    for k in (4, 16, 64):
+        engine_s = best(engine_rounds(k, args.rounds), repeats) / args.rounds
+        plain_s = best(plain_rounds(k, args.rounds), max(1, repeats // 2)) / args.rounds
+        floor_s = (flops_step * steps * k + eval_flops(k)) / matmul_rate(k)
+        print(f"   {k:>3} {engine_s * 1e3:>7.1f}ms {plain_s * 1e3:>9.1f}ms {floor_s * 1e3:>6.1f}ms "
+              f"{engine_s / floor_s:>12.1f}x {plain_s / engine_s:>12.1f}x")
+    print(f"   floor: {flops_step / 1e6:.2f} MFLOP a client step, at {matmul_rate(64) / 1e9:.0f} GFLOP/s (K=64 shapes)")
+
+    print("\n2. local training alone, sequential vs batched (engine.batched), CPU ms for one epoch of every client")
+    print(f"   {'K':>3} {'sequential':>11} {'batched':>9} {'speed-up':>9}")
+    for k, sequential, batched in crossover(repeats):
+        print(f"   {k:>3} {sequential * 1e3:>9.1f}ms {batched * 1e3:>7.1f}ms {sequential / batched:>8.2f}x")
+
+    print("\n3. start-up: fedtui run presets/quickstart.toml (wall s, best of a few)")
+    timings = start_up(max(2, repeats - 1))
+    torch_s = timings["torch"][0]
+    cold_s, cold_mb, cold_rc = timings["cold"]
+    warm_s, warm_mb, warm_rc = timings["warm"]
+    print(f"   python -c 'import torch': {torch_s:.2f} s, peak {timings['torch'][1]} MB")
+    print(f"   cold (empty cache):       {cold_s:.2f} s ({cold_s / torch_s:.1f}x import torch), peak {cold_mb} MB, exit {cold_rc}")
+    print(f"   warm:                     {warm_s:.2f} s ({warm_s / torch_s:.2f}x import torch), "
+          f"peak {timings['warm_peak_mb']} MB, exit {warm_rc}")
+
+
+if __name__ == "__main__":
+    main()
