@@ -486,7 +486,6 @@ def train_round(package_path: Path, client: str, key: PrivateKey, out: Path, ser
                 overrides: list[str] | None = None, state_dir: Path | None = None, log: Log = _quiet) -> TrainResult:
     """Verify the package, train this site's client for the package's round on its own rows, write the
     signed update. Raises ``Refused`` for a package that does not verify, ``FileRoundError`` for bad input."""
-    from engine.federation import RunDiverged, norm
     from engine.resolve import resolve
     from engine.schema import PresetError
 
@@ -518,6 +517,54 @@ def train_round(package_path: Path, client: str, key: PrivateKey, out: Path, ser
     if cohort(preset, roster, round_) != package.cohort:
         raise FileRoundError(f"{where}: its cohort is not the one the preset draws for round {round_}")
     global_state = package.global_state()
+    site = train_site(side, client, round_, roster, global_state, package.manifest["shared_keys"], package.run_id,
+                      package.digest, state_dir, where)
+    manifest = {
+        "format": FORMAT, "run_id": package.run_id, "round": round_, "package": package.digest, "client": client,
+        "examples": site.examples, "mean_loss": _finite_or_none(site.mean_loss), "steps": site.steps,
+        "seconds": site.seconds, "skipped": site.skipped, "compression": site.compression,
+        "bytes_up": len(site.payload),
+    }
+    with new_folder(out) as folder:
+        if not site.skipped:
+            (folder / PAYLOAD_FILE).write_bytes(site.payload)
+        signing.sign_folder(folder, UPDATE, manifest, key, signer=client)
+    state_file = site.keep_state()
+    return TrainResult(Path(out), client, round_, site.examples, site.mean_loss, site.steps, len(site.payload),
+                       site.skipped, state_file)
+
+
+@dataclass
+class SiteUpdate:
+    """One site's trained round, before it is written anywhere: the codec's bytes and what the server is told.
+
+    ``keep_state()`` writes what the site keeps for its next round (``--state``; nothing when the preset keeps
+    no client state) and is called once the update itself is safely out."""
+
+    client: str
+    round: int
+    examples: int
+    mean_loss: float
+    steps: int
+    seconds: float
+    skipped: bool
+    compression: str
+    payload: bytes
+    keep_state: Callable[[], Path | None]
+
+
+def train_site(side: Side, client: str, round_: int, roster: list[str], global_state: State, shared_keys: list[str],
+               run_id: str, digest: str, state_dir: Path | None, where: str) -> SiteUpdate:
+    """Train ``client`` for round ``round_`` from ``global_state`` on this site's own rows, exactly as the
+    in-process run trains that client, and encode its update with the preset's codec.
+
+    ``side`` is this site's ``build_side(preset, True)`` (its data is dropped here: only the client's rows
+    stay); ``roster`` the run's clients in order (each client's random stream is indexed by it); ``run_id`` and
+    ``digest`` name the run and what was trained on in the state kept at the site. Used by ``train_round``
+    (rounds carried by files) and by the Flower ClientApp (``engine.flower``)."""
+    from engine.federation import RunDiverged, norm
+
+    preset = side.preset
     theta_0 = side.adapter.trainable_state()
     if {k: (tuple(v.shape), v.dtype) for k, v in global_state.items()} != {
             k: (tuple(v.shape), v.dtype) for k, v in theta_0.items()}:
@@ -527,7 +574,7 @@ def train_round(package_path: Path, client: str, key: PrivateKey, out: Path, ser
     mine = own_rows(side.data, client)
     side.data = None  # the other clients' rows are not this site's to keep
     federation = make_federation(side, mine, save=lambda name, state: None)
-    if federation.shared_keys != package.manifest["shared_keys"]:
+    if federation.shared_keys != list(shared_keys):
         raise FileRoundError(f"{where}: its shared tensors are not this preset's")
     train_rows = len(mine.clients[0].train)
     federation.global_state = {k: v.to(side.device) for k, v in global_state.items()}
@@ -541,7 +588,7 @@ def train_round(package_path: Path, client: str, key: PrivateKey, out: Path, ser
             "this preset keeps client state between rounds (optimiser moments, personal layers or top-k "
             "residuals): give --state DIR, a folder that stays at this site")
     if needs_state and earlier:
-        _load_client_state(federation, Path(state_dir), client, earlier[-1], package.run_id)
+        _load_client_state(federation, Path(state_dir), client, earlier[-1], run_id)
     # LoRA's dropout draws from torch's global stream: seed it per client and round (see the module docstring).
     torch.manual_seed(int(np.random.SeedSequence([preset.run.seed, 4, roster.index(client), round_])
                           .generate_state(1, dtype=np.uint64)[0] >> 1))
@@ -570,20 +617,22 @@ def train_round(package_path: Path, client: str, key: PrivateKey, out: Path, ser
         skipped = True  # nothing is shared (every tensor is personal)
     examples = len(mine.clients[0].train)
     seconds = round(federation.client_seconds.pop(client, 0.0), 4)
-    manifest = {
-        "format": FORMAT, "run_id": package.run_id, "round": round_, "package": package.digest, "client": client,
-        "examples": examples, "mean_loss": _finite_or_none(trained.mean_loss), "steps": trained.steps,
-        "seconds": seconds, "skipped": skipped, "compression": fed.compression, "bytes_up": len(payload),
-    }
-    with new_folder(out) as folder:
-        if not skipped:
-            (folder / PAYLOAD_FILE).write_bytes(payload)
-        signing.sign_folder(folder, UPDATE, manifest, key, signer=client)
-    state_file = None
-    if state_dir is not None and needs_state:
-        state_file = _save_client_state(federation, Path(state_dir), client, round_, package, keep_optimizer)
-    return TrainResult(Path(out), client, round_, examples, trained.mean_loss, trained.steps, len(payload), skipped,
-                       state_file)
+
+    def keep_state() -> Path | None:
+        if state_dir is None or not needs_state:
+            return None
+        return _save_client_state(federation, Path(state_dir), client, round_, _Trained(run_id, digest), keep_optimizer)
+
+    return SiteUpdate(client, round_, examples, trained.mean_loss, trained.steps, seconds, skipped, fed.compression,
+                      payload, keep_state)
+
+
+@dataclass
+class _Trained:
+    """What the state kept at a site names: the run, and the package (or message) it trained on."""
+
+    run_id: str
+    digest: str
 
 
 def _save_client_state(federation, folder: Path, client: str, round_: int, package: Package, keep_optimizer: bool) -> Path:
@@ -711,24 +760,35 @@ def check_update(path: Path, package: Package, client_keys: dict[str, PublicKey]
         if files != {PAYLOAD_FILE}:
             raise Refused("malformed", f"{label}: holds {sorted(files)}, an update holds only {PAYLOAD_FILE}")
         payload_path = Path(path) / PAYLOAD_FILE
-        limit = 2 * len(st_save({k: v.contiguous().cpu() for k, v in shared_global.items()})) + (64 << 10)
-        if payload_path.stat().st_size > limit:
+        if payload_path.stat().st_size > payload_limit(shared_global):
             raise Refused("malformed", f"{label}: {PAYLOAD_FILE} is larger than any {m.get('compression')} "
                                        f"update of this adapter could be")
-        try:
-            decoded = codec.decode(payload_path.read_bytes(), shared_global)
-        except Exception as error:  # any failure to decode is the sender's malformed payload
-            raise Refused("malformed", f"{label}: {PAYLOAD_FILE} is not a {codec.name} update of this adapter "
-                                       f"({type(error).__name__}: {error})") from None
-        if set(decoded) != set(shared_global) or any(decoded[k].shape != shared_global[k].shape for k in decoded):
-            raise Refused("malformed", f"{label}: its tensors are not this adapter's shared tensors")
-        if not all(bool(torch.isfinite(v).all()) for v in decoded.values()):
-            raise Refused("malformed", f"{label}: the update has inf or nan entries")
-        state = {k: shared_global[k] + decoded[k] for k in shared_global}
+        state = decode_update(payload_path.read_bytes(), codec, shared_global, label)
     elif files:
         raise Refused("malformed", f"{label}: a skipped update carries no tensors")
     return Received(client, examples, float(loss), steps, float(m.get("seconds") or 0.0), int(m.get("bytes_up") or 0),
                     skipped, state)
+
+
+def payload_limit(shared_global: State) -> int:
+    """More bytes than any codec's update of this adapter could take: such a payload is refused unread."""
+    return 2 * len(st_save({k: v.contiguous().cpu() for k, v in shared_global.items()})) + (64 << 10)
+
+
+def decode_update(payload: bytes, codec, shared_global: State, label: str, what: str = PAYLOAD_FILE) -> State:
+    """The client's shared tensors as the server rebuilds them from the codec's bytes (``shared_global`` plus
+    the decoded delta), or ``Refused("malformed")`` naming ``label``: bytes the codec cannot read, tensors that
+    are not this adapter's shared ones, inf or nan. Used for updates carried by files and by Flower."""
+    try:
+        decoded = codec.decode(payload, shared_global)
+    except Exception as error:  # any failure to decode is the sender's malformed payload
+        raise Refused("malformed", f"{label}: {what} is not a {codec.name} update of this adapter "
+                                   f"({type(error).__name__}: {error})") from None
+    if set(decoded) != set(shared_global) or any(decoded[k].shape != shared_global[k].shape for k in decoded):
+        raise Refused("malformed", f"{label}: its tensors are not this adapter's shared tensors")
+    if not all(bool(torch.isfinite(v).all()) for v in decoded.values()):
+        raise Refused("malformed", f"{label}: the update has inf or nan entries")
+    return {k: shared_global[k] + decoded[k] for k in shared_global}
 
 
 def aggregate_round(package_path: Path, update_paths: list[Path], key: PrivateKey, client_keys: dict[str, PublicKey],
