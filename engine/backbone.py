@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +60,7 @@ class Backbone:
     weights: str  # "pretrained:<tag>", "checkpoint:<path>", "local-dir:<path>" or "random"
     fingerprint: str  # sha256 of every weight, so the feature cache cannot mix models
     weights_sha256: str | None = None  # of the weights file, where the model came from one (set by prepare)
+    weights_file: Path | None = None  # the file a tag's weights came from (open_clip's download cache)
 
     loaded = True  # the model is here (CachedBackbone: only once something needed it)
 
@@ -211,14 +213,25 @@ def local_dir_checkpoint(folder: Path) -> Path | None:
     return found[0]
 
 
-def model_key(preset: Preset, file_sha256: Callable[[Path], str]) -> tuple[str, str] | None:
+def is_tag(pretrained: str) -> bool:
+    return not (pretrained in ("", "none") or pretrained.startswith("local-dir:") or Path(pretrained).expanduser().is_file())
+
+
+def tag_key(preset: Preset) -> str | None:
+    """Where the model index remembers which file an open_clip tag's weights were loaded from, for a tag."""
+    arch, pretrained = preset.model.arch, preset.model.pretrained
+    return f"tag:{MODEL_KEY_VERSION}:{open_clip_version()}:{arch}:{pretrained}" if is_tag(pretrained) else None
+
+
+def model_key(preset: Preset, file_sha256: Callable[[Path], str], tag_file: Path | None = None) -> tuple[str, str] | None:
     """(model key, weights file SHA-256) for weights that come from a file, without loading them; None otherwise.
 
     The key covers what fixes the model, its preprocessing and its tokenizer: the weights file's bytes, the
     config open_clip builds it from (local-dir: the folder's config and every other small file, such as a
-    tokenizer; a checkpoint file: the arch's config), and open_clip's version. ``file_sha256`` hashes a file
-    (engine.features.ModelIndex remembers it by path, size and times). An open_clip tag or random weights have
-    no key: those runs load the model."""
+    tokenizer; a checkpoint file or a tag: the arch's config, and the tag's name, which fixes open_clip's
+    pretrained settings), and open_clip's version. ``file_sha256`` hashes a file (engine.features.ModelIndex
+    remembers it by path, size and times). A tag's file is the one a run that loaded the tag found it in
+    (``tag_file``, recorded under ``tag_key``); random weights have no key: those runs load the model."""
     arch, pretrained = preset.model.arch, preset.model.pretrained
     parts = [MODEL_KEY_VERSION, open_clip_version()]
     try:
@@ -233,16 +246,18 @@ def model_key(preset: Preset, file_sha256: Callable[[Path], str]) -> tuple[str, 
                 size = path.stat().st_size
                 content = hashlib.sha256(path.read_bytes()).hexdigest() if size <= SMALL_FILE else f"size={size}"
                 parts.append(f"{path.name}:{content}")
-        elif pretrained not in ("", "none") and Path(pretrained).expanduser().is_file():
+        elif pretrained in ("", "none"):
+            return None
+        else:
             from engine.weights import known_configs
 
             config = known_configs().get(arch)
-            if config is None:
+            tagged = is_tag(pretrained)
+            if config is None or (tagged and (tag_file is None or not tag_file.is_file())):
                 return None
-            weights_sha = file_sha256(Path(pretrained).expanduser())
-            parts += ["checkpoint", arch, hashlib.sha256(config.read_bytes()).hexdigest(), weights_sha]
-        else:
-            return None
+            weights_sha = file_sha256(tag_file if tagged else Path(pretrained).expanduser())
+            kind = ["tag", pretrained] if tagged else ["checkpoint"]
+            parts += [*kind, arch, hashlib.sha256(config.read_bytes()).hexdigest(), weights_sha]
     except OSError:
         return None  # loading will say what is wrong with the files
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest(), weights_sha
@@ -298,9 +313,41 @@ def load_backbone(preset: Preset, device: torch.device) -> Backbone:
             raise ValueError(f"model.pretrained: unknown tag {weights_arg!r} for {arch}; tags: {tags}")
     # Random weights must still be the same run to run.
     torch.manual_seed(preset.run.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights_arg, device="cpu")
+    with _recording_downloads() as downloaded:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights_arg, device="cpu")
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(model_name)
     fingerprint = weights_fingerprint(model)
     model.to(device)
-    return Backbone(model, preprocess, tokenizer, device, describe_weights(pretrained), fingerprint)
+    backbone = Backbone(model, preprocess, tokenizer, device, describe_weights(pretrained), fingerprint)
+    if is_tag(pretrained) and len(downloaded) == 1 and Path(downloaded[0]).is_file():
+        backbone.weights_file = Path(downloaded[0]).resolve()
+    return backbone
+
+
+_DOWNLOADS = threading.Lock()
+
+
+@contextlib.contextmanager
+def _recording_downloads():
+    """The file(s) open_clip's factory takes a tag's weights from (``download_pretrained`` returns the path it
+    found in, or downloaded to, its cache), so the model index can key a tag by that file's bytes."""
+    from open_clip import factory
+
+    found: list[str] = []
+    original = getattr(factory, "download_pretrained", None)
+    if original is None:
+        yield found
+        return
+
+    def recording(*args, **kwargs):
+        path = original(*args, **kwargs)
+        found.append(str(path))
+        return path
+
+    with _DOWNLOADS:
+        factory.download_pretrained = recording
+        try:
+            yield found
+        finally:
+            factory.download_pretrained = original

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from engine.backbone import Backbone, CachedBackbone, ModelRecord, load_backbone, model_key
+from engine.backbone import Backbone, CachedBackbone, ModelRecord, load_backbone, model_key, tag_key
 from engine.data import ClientSplit, ImageSource, build_source, class_prompts, holdout_rows, make_clients
 from engine.features import FeatureCache, ModelIndex, default_cache_dir, encode_images, load_pixels, prompt_features
 from engine.presets import Preset
@@ -27,11 +28,18 @@ FEATURE_ONLY_KINDS = frozenset({"attai", "clip_adapter", "text_adapter", "both",
 def get_backbone(preset: Preset, device: torch.device, cache_dir, log, needs_encoders: bool) -> Backbone | CachedBackbone:
     """The model index's stand-in when it knows these weights and the kind needs no encoder, else the model."""
     with ModelIndex(cache_dir, log) as index:
-        keyed = model_key(preset, index.file_sha256)
+        tag = tag_key(preset)
+        tag_file = (index.record(tag) or {}).get("file") if tag else None
+        keyed = model_key(preset, index.file_sha256, Path(tag_file) if tag_file else None)
         record = ModelRecord.from_json(index.record(keyed[0]) or {}) if keyed else None
         if record is not None and not needs_encoders:
             return CachedBackbone(record, device, lambda: load_backbone(preset, device), keyed[1])
         backbone = load_backbone(preset, device)
+        if tag and backbone.weights_file is not None:
+            if str(backbone.weights_file) != tag_file:
+                index.put_record(tag, {"file": str(backbone.weights_file)})
+            keyed = model_key(preset, index.file_sha256, backbone.weights_file)
+            record = ModelRecord.from_json(index.record(keyed[0]) or {}) if keyed else None
         if keyed:
             backbone.weights_sha256 = keyed[1]
             if record != backbone.record():

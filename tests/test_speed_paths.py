@@ -431,6 +431,39 @@ def test_the_model_key_follows_the_weights_file(tmp_path):
     assert model_key(load_preset(preset_file, ["model.pretrained=none"]), sha) is None
 
 
+@pytest.mark.slow
+def test_an_open_clip_tag_is_found_again_by_its_downloaded_file(tmp_path, monkeypatch):
+    """A tag's weights come from open_clip's download cache: the index remembers that file, and a warm run keys
+    the model by its bytes like any checkpoint file (here a tag registered for the shipped model's file)."""
+    import shutil
+
+    import open_clip.pretrained as pretrained
+
+    from engine import load_preset
+    from engine.backbone import CachedBackbone
+    from engine.prepare import prepare
+
+    weights = tmp_path / "downloads" / "tiny.safetensors"
+    weights.parent.mkdir()
+    shutil.copyfile(TINY_MODEL / "open_clip_model.safetensors", weights)
+    monkeypatch.setitem(pretrained._PRETRAINED, "fedtui-clip-tiny",
+                        {"tinytag": pretrained._pcfg(file=str(weights))})
+    preset_file = tmp_path / "tag.toml"
+    preset_file.write_text(WARM_PRESET.format(cache=tmp_path / "cache", model="X", kind="attai")
+                           .replace('pretrained = "local-dir:X"', 'pretrained = "tinytag"'))
+    preset = load_preset(preset_file)
+    quiet = lambda level, text: None
+    cold = prepare(preset, torch.device("cpu"), quiet, lambda: None, needs_images=False)
+    warm = prepare(preset, torch.device("cpu"), quiet, lambda: None, needs_images=False)
+    assert cold.backbone.loaded and cold.backbone.weights_file == weights.resolve()
+    assert isinstance(warm.backbone, CachedBackbone) and not warm.backbone.loaded
+    assert warm.backbone.fingerprint == cold.backbone.fingerprint and warm.backbone.weights == "pretrained:tinytag"
+    assert torch.equal(warm.features, cold.features) and torch.equal(warm.text_features, cold.text_features)
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # other bytes: the model is loaded again
+    again = prepare(preset, torch.device("cpu"), quiet, lambda: None, needs_images=False)
+    assert again.backbone.loaded
+
+
 # --- encoding through DataLoader workers ------------------------------------------------------------------------
 
 
