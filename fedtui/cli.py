@@ -272,6 +272,8 @@ _register_extra(cli)
 
 from fedtui.cli_rounds import register as _register_rounds; _register_rounds(cli)  # noqa: E402,E702  (keys, round)
 
+from fedtui.cli_data import register as _register_data; _register_data(cli)  # noqa: E402,E702  (data fetch, data list)
+
 
 if __name__ == "__main__":
     main()
