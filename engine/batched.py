@@ -37,6 +37,7 @@ prompt learning run a CLIP encoder in the loop and stay sequential.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,6 +116,18 @@ class JobResult:
         return float(np.mean(self.losses)) if self.losses else float("nan")
 
 
+def in_layout(stack: torch.Tensor, order: list[int] | None) -> torch.Tensor:
+    """``stack`` with its dimensions laid out in memory in ``order`` (outermost first); same shape and values."""
+    if order is None:
+        return stack.contiguous()
+    inverse = [order.index(i) for i in range(stack.dim())]
+    return stack.permute(order).contiguous().permute(inverse)
+
+
+# The layout each adapter's stacks ended up in (StackedAdam.adopt_layout), so the next round stacks into it directly.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class StackedAdam:
     """torch Adam (L2-coupled decay, no amsgrad) on stacked parameters ``{name: [K, ...]}``, one step count per row.
 
@@ -156,19 +169,20 @@ class StackedAdam:
                     "exp_avg_sq": self.exp_avg_sq[n][row].clone(memory_format=plain)} for i, n in enumerate(names)}
 
     @torch.no_grad()
-    def adopt_layout(self, grads: State) -> None:
+    def adopt_layout(self, grads: State) -> dict[str, list[int]]:
         """Store each stack in the memory order its gradient comes in (a linear layer's weight gradient comes
         transposed under vmap), so the update reads every tensor front to back. Values are unchanged, and the
-        forward sees the same numbers: only where they lie in memory moves."""
+        forward sees the same numbers: only where they lie in memory moves. Returns {name: order} it changed."""
+        changed = {}
         for name, grad in grads.items():
             param = self.params[name]
             if grad.dim() < 3 or grad.shape != param.shape or grad.stride() == param.stride():
                 continue
-            inner = sorted(range(1, grad.dim()), key=lambda i: -grad.stride(i))
-            order = [0, *inner]
-            inverse = [order.index(i) for i in range(grad.dim())]
+            order = [0, *sorted(range(1, grad.dim()), key=lambda i: -grad.stride(i))]
             for stacks in (self.params, self.exp_avg, self.exp_avg_sq):
-                stacks[name] = stacks[name].permute(order).contiguous().permute(inverse)
+                stacks[name] = in_layout(stacks[name], order)
+            changed[name] = order
+        return changed
 
     @torch.no_grad()
     def step(self, rows: list[int], grads: State) -> None:
@@ -323,9 +337,10 @@ def train_cohort(
     lengths = [len(s) for s in schedules]
 
     like = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+    layouts = _LAYOUTS.setdefault(adapter, {})
     with torch.no_grad():
-        params = {n: torch.stack([job.start[n] for job in jobs]).to(like[n].device, like[n].dtype).contiguous()
-                  for n in names}
+        params = {n: in_layout(torch.stack([job.start[n] for job in jobs]).to(like[n].device, like[n].dtype),
+                               layouts.get(n)) for n in names}
     optimizer = StackedAdam(params, train)
     for k, job in enumerate(jobs):
         optimizer.load(k, names, job.optimizer_state.get("state", {}) if job.optimizer_state else {})
@@ -365,7 +380,7 @@ def train_cohort(
             grads = torch.autograd.grad(totals.sum(), [leaves[n] for n in names])
             del leaves, totals
             if s == 0 and whole:
-                optimizer.adopt_layout(dict(zip(names, grads)))
+                layouts.update(optimizer.adopt_layout(dict(zip(names, grads))))
             optimizer.step(members, dict(zip(names, grads)))
             for k, value in zip(members, plain.detach().tolist()):
                 losses[k].append(value)
