@@ -15,6 +15,13 @@ loosely (``photo_loose``: a small object in a large scene), and ``photo_mix90``,
 They are opt-in: a preset names them in ``data.domains``; ``DOMAINS``, the default world, keeps its four
 styles and their pictures unchanged.
 
+``STYLE_DOMAINS`` are opt-in styles made to have headroom for adapters on the shipped CLIP (measured with
+``benchmarks/probe.py``; docs/offline-world.md): ``pixel_art`` is the cartoon style reduced to 16 x 16
+flat cells, so each of the CLIP's 8-pixel patches sees 2 x 2 of them. Its image features still carry the
+shape (a linear probe reads it about as well as photo's) but their alignment with the class prompts is
+off (zero-shot near 30%), which is what adapters can learn. ``OPT_IN_DOMAINS`` are every domain outside
+the default world.
+
 numpy + PIL only: the data pipeline imports this in worker processes without paying for torch.
 """
 
@@ -30,7 +37,10 @@ DOMAINS: tuple[str, ...] = ("art_painting", "cartoon", "photo", "sketch")
 SHIFTED_DOMAIN = "sketch"
 COMMON_DOMAINS: tuple[str, ...] = tuple(d for d in DOMAINS if d != SHIFTED_DOMAIN)
 CROP_DOMAINS: tuple[str, ...] = ("photo_tight", "photo_loose", "photo_mix90")
-ALL_DOMAINS: tuple[str, ...] = DOMAINS + CROP_DOMAINS  # index = the domain's key in the random stream
+STYLE_DOMAINS: tuple[str, ...] = ("pixel_art",)
+OPT_IN_DOMAINS: tuple[str, ...] = CROP_DOMAINS + STYLE_DOMAINS
+ALL_DOMAINS: tuple[str, ...] = DOMAINS + OPT_IN_DOMAINS  # index = the domain's key in the random stream
+PIXEL_ART_CELLS = 16  # pixel_art: cells per side (64 px: 4-pixel cells, two to a CLIP patch)
 MIX_LOOSE_EVERY = 10  # photo_mix90: image i is loose when i % 10 == 9, tight otherwise
 CLASSES: tuple[str, ...] = ("circle", "cross", "heart", "house", "moon", "star", "triangle")
 
@@ -317,8 +327,14 @@ def _sketch(rng: np.random.Generator, attrs: Attributes, size: int) -> Image.Ima
     return _to_image(np.repeat(small[..., None], 3, axis=2))
 
 
+def _pixel_art(rng: np.random.Generator, attrs: Attributes, size: int) -> Image.Image:
+    # The cartoon drawing averaged into PIXEL_ART_CELLS x PIXEL_ART_CELLS flat cells, shown with hard edges.
+    cells = min(PIXEL_ART_CELLS, size)
+    return _cartoon(rng, attrs, size).resize((cells, cells), Image.BOX).resize((size, size), Image.NEAREST)
+
+
 _STYLES = {"art_painting": _art_painting, "cartoon": _cartoon, "photo": _photo, "sketch": _sketch,
-           "photo_tight": _photo, "photo_loose": _photo, "photo_mix90": _photo}
+           "photo_tight": _photo, "photo_loose": _photo, "photo_mix90": _photo, "pixel_art": _pixel_art}
 
 
 def render(domain: str, class_name: str, index: int, seed: int, size: int = 64) -> Image.Image:

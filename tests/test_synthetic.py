@@ -73,3 +73,35 @@ def test_synthetic_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
     assert out.strip() == "False"
+
+
+# --- opt-in styles -------------------------------------------------------------------------------------
+
+
+def test_pixel_art_is_an_opt_in_style_after_every_older_domain():
+    assert "pixel_art" in synthetic.STYLE_DOMAINS and "pixel_art" not in DOMAINS
+    assert set(synthetic.OPT_IN_DOMAINS) == set(synthetic.CROP_DOMAINS) | set(synthetic.STYLE_DOMAINS)
+    # Appended: every older domain keeps its index in the random stream, so its pictures are unchanged.
+    assert synthetic.ALL_DOMAINS[: len(DOMAINS) + len(synthetic.CROP_DOMAINS)] == DOMAINS + synthetic.CROP_DOMAINS
+
+
+@pytest.mark.parametrize("size", [64, 48, 224])
+def test_pixel_art_is_deterministic_and_made_of_flat_cells(size):
+    image = render("pixel_art", "star", 3, seed=7, size=size)
+    pixels = np.asarray(image, dtype=np.int16)
+    assert image.mode == "RGB" and image.size == (size, size)
+    assert np.array_equal(pixels, np.asarray(render("pixel_art", "star", 3, seed=7, size=size)))
+    cells = synthetic.PIXEL_ART_CELLS
+    # Nearest-neighbour upscaling: the picture is exactly a cells x cells grid shown large.
+    small = np.asarray(image.resize((cells, cells), resample=0), dtype=np.int16)
+    rows = (np.arange(size) * cells) // size
+    assert np.array_equal(pixels, small[rows][:, rows])
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) <= cells * cells
+
+
+def test_pixel_art_differs_from_every_other_style():
+    art = np.asarray(render("pixel_art", "house", 0, seed=0), dtype=np.int16)
+    for domain in DOMAINS + synthetic.CROP_DOMAINS:
+        assert np.abs(art - np.asarray(render(domain, "house", 0, seed=0), dtype=np.int16)).mean() > 2, domain
+    for other in (render("pixel_art", "house", 1, seed=0), render("pixel_art", "moon", 0, seed=0)):
+        assert np.abs(art - np.asarray(other, dtype=np.int16)).mean() > 2
