@@ -88,8 +88,9 @@ def domain_class_counts(preset: Preset, problems: Problems) -> dict[str, list[in
     if data.dataset == "synthetic":
         from engine import synthetic
 
-        # The crop domains are opt-in (named in data.domains): the default world stays the four styles.
-        named = tuple(d for d in synthetic.CROP_DOMAINS if d in data.domains)
+        # The crop domains and the extra styles are opt-in (named in data.domains): the default world stays
+        # the four styles.
+        named = tuple(d for d in synthetic.OPT_IN_DOMAINS if d in data.domains)
         return {d: [data.images_per_class] * len(synthetic.CLASSES) for d in synthetic.DOMAINS + named}
     if not data.root:
         problems.add("data.root", "required for dataset = 'imagefolder' (<root>/<domain>/<class>/<image>)")
