@@ -86,8 +86,18 @@ def run(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="continue a stopped, killed or crashed run directory from its last completed round"
     ),
+    log: list[str] = typer.Option(
+        [], "--log", help="also log to tensorboard[=DIR] | mlflow[=TRACKING_URI] | wandb[=PROJECT] (repeatable; "
+        "each an optional extra: pip install 'fedtui[tensorboard]')"
+    ),
 ) -> None:
     """Run a preset headless: progress bar, one line per round, a summary table."""
+    from fedtui.trackers import TrackedSink, TrackerError, open_trackers
+
+    try:
+        trackers = open_trackers(log)  # a missing package or tracking store is bad input: nothing written yet
+    except TrackerError as error:
+        raise _bad_input(str(error))
     if resume is not None:
         loaded, out = _resumable(resume, preset, set_, out)
     elif preset is None:
@@ -109,14 +119,16 @@ def run(
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, graceful_stop)
+    sink = TrackedSink(reporter, trackers, loaded)
     try:
-        result = run_engine(loaded, reporter, control, run_dir=out, resume=resume is not None)
+        result = run_engine(loaded, sink, control, run_dir=out, resume=resume is not None)
     except KeyboardInterrupt:
         reporter.close()
         err.print("[red]aborted; the run directory's summary.json says 'interrupted'[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGINT, previous)
+        sink.close()  # each tracker ends its run and uploads the run directory
         reporter.close()
     if result.status == "diverged":  # a failure prints itself (RunFailed); divergence ends the run normally
         err.print(f"[bold red]diverged:[/] {escape(str(result.summary.get('error', '')))}", soft_wrap=True)
@@ -273,6 +285,8 @@ _register_extra(cli)
 from fedtui.cli_rounds import register as _register_rounds; _register_rounds(cli)  # noqa: E402,E702  (keys, round)
 
 from fedtui.cli_data import register as _register_data; _register_data(cli)  # noqa: E402,E702  (data fetch, data list)
+
+from fedtui.cli_flower import register as _register_flower; _register_flower(cli)  # noqa: E402,E702  (flower local, tls, node-key, app)
 
 
 if __name__ == "__main__":
