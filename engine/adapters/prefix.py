@@ -92,11 +92,14 @@ class Reparameterisation(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
+        """Drawn on the CPU from the fixed seed, then copied: the same values on any device."""
         generator = torch.Generator().manual_seed(PREFIX_SEED)
+        width = self.embedding.shape[1]
         self.embedding.copy_(torch.randn(self.embedding.shape, generator=generator))  # nn.Embedding's N(0, 1)
-        nn.init.kaiming_uniform_(self.hidden.weight, a=math.sqrt(5), generator=generator)
-        self.hidden.bias.uniform_(-1 / math.sqrt(self.embedding.shape[1]), 1 / math.sqrt(self.embedding.shape[1]),
-                                  generator=generator)
+        weight = torch.empty(self.hidden.weight.shape)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)  # nn.Linear's default init
+        self.hidden.weight.copy_(weight)
+        self.hidden.bias.copy_(torch.empty(width).uniform_(-1 / math.sqrt(width), 1 / math.sqrt(width), generator=generator))
         self.out.weight.zero_()
         self.out.bias.zero_()
 
