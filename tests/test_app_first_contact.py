@@ -203,6 +203,8 @@ def test_odd_files_in_the_current_folder_are_listed_or_skipped_never_fatal(tmp_p
             # and the good one next to them still runs
             screen.query_one("#preset-list").highlighted = list(names).index("good")
             await wait_for(pilot, lambda: screen.current_preset()[0] is not None)
+            # The check runs off the UI thread; its answer reaches the status line one message later.
+            await wait_for(pilot, lambda: not status_text(app).startswith("✗ [bold]odd"))
             assert status_text(app).startswith("✓ valid")
             await pilot.press("s")
             await wait_for(pilot, lambda: app.state.status == "completed")
