@@ -10,7 +10,7 @@ STAMP := $(VENV)/.fedtui-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,report,serve,files,tensorboard,mlflow,wandb]'
+	$(PY) -m pip install --quiet -e '.[dev,report,serve,files,flower,tensorboard,mlflow,wandb]'
 	touch $(STAMP)
 
 install: $(STAMP)
