@@ -169,6 +169,27 @@ class _Database:
         self._drop(f"DELETE FROM {table} WHERE {column} = ?", key)
         return None
 
+    def _get_many(self, table: str, keys: list[str]) -> dict[str, bytes]:
+        """``_get`` for many keys at once (one query per 500): {key: value} for the rows whose checksum holds."""
+        column, value_column = self.tables[table], _VALUE_COLUMNS[table]
+        text = table in self.text_tables
+        selected = f"CAST({value_column} AS BLOB)" if text else value_column
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            query = f"SELECT {column}, {selected}, crc FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})"
+            rows = self._guard(lambda db: db.execute(query, chunk).fetchall(), None)
+            if rows is None:  # the file was damaged and set aside: nothing more to find in it
+                return found
+            for key, value, crc in rows:
+                if isinstance(value, bytes) and crc == _crc(key, value):
+                    self._served[table].append((key, value.decode() if text else value, crc))
+                    found[key] = value
+                else:
+                    self._drop(f"DELETE FROM {table} WHERE {column} = ?", key)
+        return found
+
     def _put(self, table: str, key: str, value: bytes | str) -> None:
         """Queue a row; text tables take ``str`` (stored as TEXT, checksummed over its UTF-8 bytes)."""
         self._pending[table].append((key, value, _crc(key, value.encode() if isinstance(value, str) else value)))
@@ -256,6 +277,13 @@ class FeatureCache(_Database):
 
     def put(self, content_hash: str, feature: np.ndarray) -> None:
         self._put("features", content_hash, np.ascontiguousarray(feature, dtype=np.float32).tobytes())
+
+    def get_many(self, content_hashes: list[str]) -> dict[str, np.ndarray]:
+        return {k: np.frombuffer(v, dtype=np.float32) for k, v in self._get_many("features", content_hashes).items()}
+
+    def source_hashes(self, source_keys: list[str]) -> dict[str, str]:
+        """``source_hash`` for many keys at once."""
+        return {k: v.decode() for k, v in self._get_many("sources", source_keys).items()}
 
     def source_hash(self, source_key: str) -> str | None:
         """The content hash last seen under ``source_key``, if any."""
@@ -407,8 +435,19 @@ def encode_images(
     def skip(index: int, error: BaseException | str) -> None:
         failed[index] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
 
+    # A warm cache answers in two queries a batch of 500 refs: their keys' content hashes, then those hashes' rows.
+    keys = [source_key(source, ref) for ref in refs] if cache is not None else [None] * len(refs)
+    hash_of = cache.source_hashes([k for k in keys if k]) if cache is not None else {}
+    stored = cache.get_many(list(hash_of.values())) if hash_of else {}
     to_read: list[tuple[int, str | None, str | None]] = []  # (ref index, source key, content hash it had)
     for i, ref in enumerate(refs):
+        content_hash = hash_of.get(keys[i]) if keys[i] else None
+        if content_hash is not None and content_hash in stored:
+            hashes[i], rows[i] = content_hash, stored[content_hash]
+            cached += 1
+            if i % 256 == 0:
+                progress(i, len(refs))
+            continue
         if workers:
             key = source_key(source, ref) if cache is not None else None
             known = cache.source_hash(key) if key else None
