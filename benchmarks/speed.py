@@ -6,7 +6,7 @@
 Prints, in one run:
 
 1. Round time at K = 4, 16 and 64 clients (quickstart's shape: d = 128 features, 7 classes, 168 training rows a
-   client, batches of 32, E = 1, AttAI, FedCLIP's Adam) for the engine's own round (``Federation.play_round`` plus
+   client, batches of 32, E = 1, FedCLIP's Adam; AttAI and CLIP-Adapter by default, --kinds) for the engine's own round (``Federation.play_round`` plus
    its evaluation) against
    - a plain sequential PyTorch loop doing the same rounds (each client: load the global adapter, a fresh
      ``torch.optim.Adam``, its shuffled batches one after another; then the mean), and
@@ -54,7 +54,7 @@ def best(fn, repeats: int) -> float:
 # --- 1. rounds -------------------------------------------------------------------------------------------------
 
 
-def world(k: int):
+def world(k: int, kind: str = "attai"):
     """A PreparedRun of k clients on random features (no model, no images) and the quickstart preset's settings."""
     from engine.backbone import CachedBackbone, ModelRecord
     from engine.data import ClientSplit
@@ -82,17 +82,17 @@ def world(k: int):
         holdout={"held": np.arange(k * per_client, n)}, encoded=0, cached=n, encode_seconds=0.0,
         data_fingerprint="benchmark",
     )
-    preset = load_preset(ROOT / "presets" / "quickstart.toml", ["eval.wise_alphas=[]"])
+    preset = load_preset(ROOT / "presets" / "quickstart.toml", ["eval.wise_alphas=[]", f"adapter.kind={kind}"])
     return preset, data
 
 
-def federation(k: int, mode: str):
+def federation(k: int, mode: str, kind: str = "attai"):
     from engine.adapters import AdapterContext, build_adapter
     from engine.control import RunControl
     from engine.federation import Federation
     from engine.strategies import build_strategy
 
-    preset, data = world(k)
+    preset, data = world(k, kind)
     torch.manual_seed(preset.run.seed)
     context = AdapterContext(D, data.classes, data.prompts, data.text_features, 100.0)
     adapter = build_adapter(preset.adapter.kind, context, preset.adapter.kind_options)
@@ -103,8 +103,8 @@ def federation(k: int, mode: str):
     return fed
 
 
-def engine_rounds(k: int, rounds: int, mode: str = "auto"):
-    fed = federation(k, mode)
+def engine_rounds(k: int, rounds: int, kind: str, mode: str = "auto"):
+    fed = federation(k, mode, kind)
     state = {"round": 0}
 
     def play():
@@ -116,11 +116,11 @@ def engine_rounds(k: int, rounds: int, mode: str = "auto"):
     return play
 
 
-def plain_rounds(k: int, rounds: int):
+def plain_rounds(k: int, rounds: int, kind: str):
     """The same rounds as a plain PyTorch loop: sequential clients, torch Adam, a uniform mean, evaluation."""
     from engine.losses import contrastive_loss
 
-    fed = federation(k, "sequential")
+    fed = federation(k, "sequential", kind)
     adapter, train, data = fed.adapter, fed.preset.train, fed.data
     global_state = {n: v.clone() for n, v in adapter.trainable_state().items()}
     generators = [torch.Generator().manual_seed(i) for i in range(k)]
@@ -142,7 +142,7 @@ def plain_rounds(k: int, rounds: int):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    float(loss)
+                    float(loss.detach())
                 states.append(adapter.trainable_state())
             global_state = {n: torch.stack([s[n] for s in states]).mean(0) for n in global_state}
             adapter.load_trainable_state(global_state)
@@ -156,13 +156,13 @@ def plain_rounds(k: int, rounds: int):
     return play
 
 
-def step_flops() -> int:
+def step_flops(kind: str) -> int:
     """Matmul FLOPs of one client's training step (forward and backward, batch of 32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.losses import contrastive_loss
 
-    fed = federation(1, "sequential")
+    fed = federation(1, "sequential", kind)
     rows = fed.data.clients[0].train[:BATCH]
     with FlopCounterMode(display=False) as counter:
         loss = contrastive_loss(fed.adapter(fed.data.features[rows]), fed.data.labels[rows], 100.0)
@@ -170,11 +170,11 @@ def step_flops() -> int:
     return counter.get_total_flops()
 
 
-def eval_flops(k: int) -> int:
+def eval_flops(k: int, kind: str) -> int:
     """Matmul FLOPs of one round's evaluation: every client's train/val/test rows and the held-out rows, once."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fed = federation(1, "sequential")
+    fed = federation(1, "sequential", kind)
     rows = np.arange(100)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         fed.adapter(fed.data.features[rows]).logits(100.0)
@@ -234,13 +234,14 @@ def crossover(repeats: int) -> list[tuple[int, float, float]]:
 # --- 3. start-up -----------------------------------------------------------------------------------------------
 
 
-def timed_process(args: list[str], env: dict) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS in MB, exit code) of one child process."""
+def timed_process(args: list[str], env: dict) -> tuple[float, float, int, int]:
+    """(wall seconds, CPU seconds, peak RSS in MB, exit code) of one child process."""
     started = time.perf_counter()
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - started, usage.ru_maxrss // 1024, process.returncode
+    wall = time.perf_counter() - started
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, process.returncode
 
 
 def start_up(repeats: int) -> dict:
@@ -250,13 +251,15 @@ def start_up(repeats: int) -> dict:
         torch_only = [timed_process([sys.executable, "-c", "import torch"], env) for _ in range(repeats)]
         cold = timed_process(fedtui + ["--out", str(Path(folder) / "cold")], env)
         warm = [timed_process(fedtui + ["--out", str(Path(folder) / f"warm{i}")], env) for i in range(repeats)]
-    return {"torch": min(torch_only), "cold": cold, "warm": min(warm), "warm_peak_mb": min(w[1] for w in warm)}
+    return {"torch": torch_only, "cold": cold, "warm": warm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kinds", default="attai,clip_adapter", help="adapter kinds for the round table")
+    parser.add_argument("--parts", default="rounds,crossover,startup", help="which of the three parts to run")
     args = parser.parse_args()
     repeats = 2 if args.quick else 4
     torch.set_num_threads(1)
@@ -265,32 +268,41 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} thread "
           f"(a run uses {default_threads()} here), load average {os.getloadavg()[0]:.1f}")
 
-    print(f"\n1. rounds: AttAI d={D}, {ROWS} rows a client, batch {BATCH}, E=1, {args.rounds} rounds, CPU s per round")
-    flops_step = step_flops()
-    steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
-    print(f"   {'K':>3} {'engine':>9} {'plain loop':>11} {'floor':>8} {'engine/floor':>13} {'plain/engine':>13}")
-    for k in (4, 16, 64):
-        engine_s = best(engine_rounds(k, args.rounds), repeats) / args.rounds
-        plain_s = best(plain_rounds(k, args.rounds), max(1, repeats // 2)) / args.rounds
-        floor_s = (flops_step * steps * k + eval_flops(k)) / matmul_rate(k)
-        print(f"   {k:>3} {engine_s * 1e3:>7.1f}ms {plain_s * 1e3:>9.1f}ms {floor_s * 1e3:>6.1f}ms "
-              f"{engine_s / floor_s:>12.1f}x {plain_s / engine_s:>12.1f}x")
-    print(f"   floor: {flops_step / 1e6:.2f} MFLOP a client step, at {matmul_rate(64) / 1e9:.0f} GFLOP/s (K=64 shapes)")
+    parts = set(args.parts.split(","))
+    rate = matmul_rate(64)
+    for kind in args.kinds.split(",") if "rounds" in parts else []:
+        print(f"\n1. rounds: {kind}, d={D}, {ROWS} rows a client, batch {BATCH}, E=1, {args.rounds} rounds, "
+              "CPU time per round (training, upload, aggregation, evaluation)")
+        flops_step = step_flops(kind)
+        steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
+        print(f"   {'K':>3} {'engine':>9} {'plain loop':>11} {'floor':>8} {'engine/floor':>13} {'plain/engine':>13}")
+        for k in (4, 16, 64):
+            engine_s = best(engine_rounds(k, args.rounds, kind), repeats) / args.rounds
+            plain_s = best(plain_rounds(k, args.rounds, kind), max(1, repeats // 2)) / args.rounds
+            floor_s = (flops_step * steps * k + eval_flops(k, kind)) / rate
+            print(f"   {k:>3} {engine_s * 1e3:>7.1f}ms {plain_s * 1e3:>9.1f}ms {floor_s * 1e3:>6.1f}ms "
+                  f"{engine_s / floor_s:>12.1f}x {plain_s / engine_s:>12.1f}x")
+        print(f"   floor: {flops_step / 1e6:.2f} MFLOP a client step (matmuls, forward and backward) "
+              f"at {rate / 1e9:.0f} GFLOP/s (batched d x d products measured here)")
 
-    print("\n2. local training alone, sequential vs batched (engine.batched), CPU ms for one epoch of every client")
-    print(f"   {'K':>3} {'sequential':>11} {'batched':>9} {'speed-up':>9}")
-    for k, sequential, batched in crossover(repeats):
+    if "crossover" in parts:
+        print("\n2. local training alone, sequential vs batched (engine.batched), CPU ms for one epoch of every client")
+        print(f"   {'K':>3} {'sequential':>11} {'batched':>9} {'speed-up':>9}")
+    for k, sequential, batched in crossover(repeats) if "crossover" in parts else []:
         print(f"   {k:>3} {sequential * 1e3:>9.1f}ms {batched * 1e3:>7.1f}ms {sequential / batched:>8.2f}x")
 
-    print("\n3. start-up: fedtui run presets/quickstart.toml (wall s, best of a few)")
-    timings = start_up(max(2, repeats - 1))
-    torch_s = timings["torch"][0]
-    cold_s, cold_mb, cold_rc = timings["cold"]
-    warm_s, warm_mb, warm_rc = timings["warm"]
-    print(f"   python -c 'import torch': {torch_s:.2f} s, peak {timings['torch'][1]} MB")
-    print(f"   cold (empty cache):       {cold_s:.2f} s ({cold_s / torch_s:.1f}x import torch), peak {cold_mb} MB, exit {cold_rc}")
-    print(f"   warm:                     {warm_s:.2f} s ({warm_s / torch_s:.2f}x import torch), "
-          f"peak {timings['warm_peak_mb']} MB, exit {warm_rc}")
+    if "startup" not in parts:
+        return
+    print("\n3. start-up: fedtui run presets/quickstart.toml; best of a few: wall s, CPU s (user + sys), peak RSS")
+    timings = start_up(max(3, repeats - 1))
+    torch_wall, torch_cpu = min(t[0] for t in timings["torch"]), min(t[1] for t in timings["torch"])
+    rows = [("python -c 'import torch'", timings["torch"]), ("cold (empty cache)", [timings["cold"]]),
+            ("warm", timings["warm"])]
+    for label, runs in rows:
+        wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+        peak, code = min(r[2] for r in runs), max(r[3] for r in runs)
+        print(f"   {label:<26} {wall:6.2f} s wall ({wall / torch_wall:4.2f}x import torch), {cpu:6.2f} s CPU "
+              f"({cpu / torch_cpu:4.2f}x), peak {peak} MB, exit {code}")
 
 
 if __name__ == "__main__":
