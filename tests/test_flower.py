@@ -156,9 +156,14 @@ class Loopback:
         answers = {}
         for node, name in enumerate(cohort, 1):
             content, _ = over_the_wire(train_content(shared, self.info.config(round_, cohort)))
+            extra = self.node_config(name) if callable(self.node_config) else self.node_config
             context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
-                              node_config={"client": name, "state-dir": str(self.state / name), **self.node_config})
-            reply = client_app(message=Message(content, dst_node_id=node, message_type="train"), context=context)
+                              node_config={"client": name, "state-dir": str(self.state / name), **extra})
+            try:
+                reply = client_app(message=Message(content, dst_node_id=node, message_type="train"), context=context)
+            except Exception as error:  # Flower's runtime turns it into an error reply (run_clientapp)
+                answers[name] = Dropped(name, f"Flower error: {type(error)}:<'{error}'>")
+                continue
             if reply.has_error():
                 answers[name] = Dropped(name, reply.error.reason)
                 continue
@@ -225,6 +230,30 @@ def test_through_the_apps_records_every_rule_gives_the_in_process_numbers(tmp_pa
     assert result.status == "completed", result.summary
     difference = assert_same_numbers(result.run_dir, reference)
     print(f"\n{rule}: largest |apps' records - in-process| over accuracies and the final adapter: {difference:.3g}")
+
+
+@pytest.mark.slow
+def test_a_site_with_only_its_own_domain_trains_the_same_round(tmp_path, feature_cache, task_identity):
+    """The node config says where a site's things are; here each site keeps only its own domain
+    (``set = 'data.domains=[...];data.holdout=[]'``) and its own cache folder, and the numbers do not move."""
+    from engine.flower.server import serve
+
+    preset_path = write_preset(tmp_path, feature_cache)
+    reference = in_process(preset_path, RULES["fedadam"])
+
+    def own_domain(name):
+        return {"set": f'data.domains=["{name}"];data.holdout=[]', "cache-dir": str(tmp_path / f"cache-{name}")}
+
+    result = serve(preset_path, Loopback(tmp_path / "state", own_domain), RULES["fedadam"], tmp_path / "run", sink=None)
+    assert result.status == "completed", result.summary
+    assert assert_same_numbers(result.run_dir, reference) == 0.0
+    assert sorted(p.name for p in tmp_path.glob("cache-*")) == ["cache-art_painting", "cache-cartoon"]
+
+    # A key that shapes training is the server's, not the site's: that client drops out, saying why.
+    result = serve(preset_path, Loopback(tmp_path / "state2", {"set": "train.lr=1.0"}), TWO, tmp_path / "run2", sink=None)
+    assert result.status == "failed"
+    warnings = [e["text"] for e in events(result.run_dir, "Log") if e["level"] == "warning"]
+    assert any("client art_painting dropped out" in w and "the package fixes it" in w for w in warnings), warnings
 
 
 @pytest.mark.slow
