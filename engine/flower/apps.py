@@ -167,7 +167,8 @@ class GridTransport:
 
     def _identify(self, timeout_s: float) -> None:
         """Ask every node not asked yet which client it is (a ``query`` message each)."""
-        new = sorted(set(self.grid.get_node_ids()) - self.asked)
+        online = set(self.grid.get_node_ids())
+        new = sorted(online - self.asked)
         if not new:
             return
         self.asked.update(new)
@@ -190,10 +191,12 @@ class GridTransport:
             if not isinstance(name, str) or name not in roster:
                 self.log("warning", f"SuperNode {node} says it is client {name!r}, not one of this run's "
                                     f"({', '.join(roster)}); it is not used")
-            elif name in self.nodes and self.nodes[name] != int(node):
+            elif name in self.nodes and self.nodes[name] != int(node) and self.nodes[name] in online:
                 self.log("warning", f"SuperNode {node} says it is {name}, but SuperNode {self.nodes[name]} "
                                     "already is; it is not used")
             else:
+                if name in self.nodes and self.nodes[name] != int(node):
+                    self.log("info", f"{name} is back, as SuperNode {node}")
                 self.nodes[name] = int(node)
 
     def start(self, info: RunInfo, log) -> None:
@@ -216,14 +219,20 @@ class GridTransport:
 
     def exchange(self, round_: int, cohort: list[str], shared) -> dict[str, Answer | Dropped]:
         assert self.info is not None, "start() first"
-        if any(name not in self.nodes for name in cohort):
-            self._identify(30.0)
+        online = set(self.grid.get_node_ids())  # the SuperLink lists the nodes whose heartbeats arrive
+        if any(self.nodes.get(name) not in online for name in cohort):
+            self._identify(30.0)  # a SuperNode that connected late, or again under a new node id
+            online = set(self.grid.get_node_ids())
         answers: dict[str, Answer | Dropped] = {}
         messages, names = [], []
         config = self.info.config(round_, cohort)
         for name in cohort:
             if name not in self.nodes:
                 answers[name] = Dropped(name, "no SuperNode for it is connected")
+                continue
+            if self.nodes[name] not in online:
+                answers[name] = Dropped(name, f"its SuperNode (node {self.nodes[name]}) is offline: its heartbeats "
+                                              "stopped reaching the SuperLink")
                 continue
             messages.append(Message(train_content(shared, config), dst_node_id=self.nodes[name], message_type="train",
                                     group_id=str(round_)))
