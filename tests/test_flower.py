@@ -419,6 +419,13 @@ def test_a_supernode_killed_mid_run_is_reported_by_name_and_the_round_goes_on(tm
                         (3, "art_painting"), (3, "cartoon")}
     assert [e["round"] for e in events(run_dir, "RoundFinished")] == [0, 1, 2, 3]
     assert_all_stopped(run_dir)
+    # The console's runs screen replays it like any run, the drop-outs in its log.
+    from fedtui.app.runstore import list_runs, replay
+
+    state = replay(run_dir)
+    assert state.status == "completed" and [p.round for p in state.points] == [0, 1, 2, 3]
+    assert sum("client photo dropped out" in line for line in state.log_lines) == 2
+    assert [r.status for r in list_runs(run_dir.parent) if r.path == run_dir] == ["completed"]
 
 
 @pytest.mark.slow
@@ -439,6 +446,9 @@ def test_ctrl_c_stops_every_flower_process_and_the_summary_says_interrupted(tmp_
             time.sleep(0.5)
         assert command.poll() is None, command.communicate()
         assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, ServerApp, SuperNodes, flwr log ...
+        from fedtui.app.runstore import replay
+
+        assert replay(run_dir).status == "running"  # the console follows it from its run directory
         command.send_signal(signal.SIGINT)
         out, err = command.communicate(timeout=60)
     finally:
