@@ -26,7 +26,6 @@ import pytest
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedtui[flower]')")
 pytest.importorskip("cryptography", reason="cryptography is not installed (pip install 'fedtui[flower]')")
 
-import torch  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 

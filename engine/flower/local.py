@@ -317,7 +317,21 @@ class LocalDeployment:
         return [p for p in self.processes if p.popen.poll() is not None]
 
     def stop(self) -> None:
-        """SIGTERM to every process group started here and every descendant seen, SIGKILL after a grace period."""
+        """SIGTERM to every process group started here and every descendant seen, SIGKILL after a grace period.
+        A second Ctrl-C (or SIGTERM) meanwhile does not cut it short, which would leave processes behind."""
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread: signals are not ours to set
+                pass
+        try:
+            self._stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self) -> None:
         self.watch()
 
         def signal_all(sig: int) -> None:
