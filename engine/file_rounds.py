@@ -123,19 +123,25 @@ def _quiet(level: str, text: str) -> None:
 # --- the preset and the machinery both sides share ----------------------------------------------------
 
 
-def check_supported(preset, strategy) -> None:
+def unsupported_reason(preset, strategy) -> str | None:
+    """Why the rule cannot run with its clients in other processes (files or Flower), or None when it can."""
     from engine.strategies import Strategy
 
     name = preset.federation.aggregation
     if strategy.pools_data:
-        raise FileRoundError(f"federation.aggregation = {name!r} pools every client's images in one place, "
-                             "which rounds carried by files exist to avoid")
+        return f"federation.aggregation = {name!r} pools every client's images in one place"
     if strategy.personalises_everything:
-        raise FileRoundError(f"federation.aggregation = {name!r} trains each client alone: nothing travels, "
-                             "run it at each site with `fedtui run`")
+        return f"federation.aggregation = {name!r} trains each client alone, so nothing travels"
     if type(strategy).extra_epochs is not Strategy.extra_epochs:
-        raise FileRoundError(f"federation.aggregation = {name!r} sends clients back to train more after the server "
-                             "has seen every loss: a second exchange within a round, which file rounds do not have")
+        return (f"federation.aggregation = {name!r} needs a second exchange within a round (clients train more "
+                "after the server has seen every loss)")
+    return None
+
+
+def check_supported(preset, strategy) -> None:
+    reason = unsupported_reason(preset, strategy)
+    if reason:
+        raise FileRoundError(f"{reason}: not for rounds carried by files; use `fedtui run`")
 
 
 @dataclass

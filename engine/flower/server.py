@@ -61,17 +61,9 @@ class Transport(Protocol):
 
 
 def check_supported(preset: Preset, strategy: Strategy) -> None:
-    name = preset.federation.aggregation
-    if strategy.pools_data:
-        raise FlowerError(f"federation.aggregation = {name!r} pools every client's images in one place: "
-                          "nothing for Flower to federate; use `fedtui run`")
-    if strategy.personalises_everything:
-        raise FlowerError(f"federation.aggregation = {name!r} trains each client alone: nothing travels; "
-                          "run it at each site with `fedtui run`")
-    if type(strategy).extra_epochs is not Strategy.extra_epochs:
-        raise FlowerError(f"federation.aggregation = {name!r} sends clients back to train more after the server "
-                          "has seen every loss (a second exchange within a round), which fedtui's Flower apps do "
-                          "not have")
+    reason = fr.unsupported_reason(preset, strategy)
+    if reason:
+        raise FlowerError(f"{reason}: not for fedtui's Flower apps; use `fedtui run`")
 
 
 class FlowerFederation(Federation):
