@@ -39,12 +39,16 @@ def new_run_dir(out_dir: str | Path, name: str, now: float | None = None) -> Pat
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
     base = Path(out_dir).expanduser() / f"{stamp}-{slug}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        # mkdir itself is the claim: two runs started in the same second each get their own folder.
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
 
 
 class RunStore:

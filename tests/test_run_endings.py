@@ -141,3 +141,15 @@ def test_a_run_killed_with_sigkill_shows_as_killed(tiny_preset_file, tmp_path):
     assert [r.status for r in list_runs(tmp_path)] == ["killed"]
     assert json.loads((out / "manifest.json").read_text())["pid"] == proc.pid
     assert os.path.exists(out / "metrics.jsonl")
+
+
+def test_runs_started_in_the_same_second_each_claim_their_own_folder(tmp_path):
+    """Two processes launched together race for one name; mkdir decides, the loser takes the next number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.runstore import new_run_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: new_run_dir(tmp_path / "runs", "same", now=0.0), range(16)))
+    assert len(set(folders)) == 16
+    assert all(folder.is_dir() and folder.parent == tmp_path / "runs" for folder in folders)
