@@ -1,8 +1,9 @@
 """Local training of a whole cohort at once: the clients' adapters stacked, one batched step for all.
 
-Each client's adapter parameters become one row of a stacked tensor ``[K, ...]``; a step runs the
-adapter's own ``forward`` under ``torch.vmap`` (``torch.func.functional_call`` with the row as the
-parameters), takes the gradient of the sum of the clients' losses (client k's loss depends on row k only,
+Each client's adapter parameters become one row of a stacked tensor ``[K, ...]``; a step runs the kind's
+``stacked_forward`` (its layers as batched GEMMs over the rows), or, for a kind without one, its own
+``forward`` under ``torch.vmap`` (``torch.func.functional_call`` with the row as the parameters; the same
+numbers with more dispatch: 0.6 ms of a 3.7 ms step at K = 4 for attai), takes the gradient of the sum of the clients' losses (client k's loss depends on row k only,
 so row k of the gradient is exactly its own gradient) and applies Adam to the stack. The sequential path
 (``engine.training.train_locally``, one client and one 32-row step at a time) spends ~2.7 ms a step in
 Python and dispatch for ~0.1 ms of arithmetic; here that overhead is paid once per step for the cohort.
@@ -106,6 +107,7 @@ class JobResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     optimizer_state: dict[str, Any] | None = None
+    finite: bool = True  # every trained parameter is finite
 
     @property
     def steps(self) -> int:
@@ -260,7 +262,13 @@ def _batched_loss_function(adapter: Adapter, loss: str, scale: float, penalty):
         value = penalty(row)
         return torch.zeros(()) if value is None else value
 
-    forward_all, penalty_all = torch.vmap(forward), torch.vmap(extra)
+    def stacked(params: dict[str, torch.Tensor], x: torch.Tensor):
+        scores = adapter.stacked_forward(params, x)
+        return (scores.image, scores.classes) + (() if scores.bias is None else (scores.bias,))
+
+    # A kind's own stacked forward is plain batched GEMMs; vmap reaches the same products with more dispatch.
+    forward_all = stacked if adapter.has_stacked_forward() else torch.vmap(forward)
+    penalty_all = torch.vmap(extra)
     own = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
     has_penalty = penalty(own) is not None  # FedProx with mu > 0; None for every other rule
 
@@ -390,10 +398,13 @@ def train_cohort(
     seconds = time.perf_counter() - started
     total_steps = max(sum(lengths), 1)
     results = []
+    with torch.no_grad():  # one pass over each stack for the cohort, not one per client and tensor
+        finite = (torch.stack([torch.isfinite(params[n]).flatten(1).all(1) for n in names]).all(0).tolist()
+                  if names else [True] * len(jobs))
     for k, job in enumerate(jobs):
         state = {n: params[n][k].clone(memory_format=torch.contiguous_format) for n in names}
         optimizer_state = {"state": optimizer.saved(k, names), "param_groups": param_groups} if keep_optimizer else None
-        results.append(JobResult(state, losses[k], seconds * lengths[k] / total_steps, optimizer_state))
+        results.append(JobResult(state, losses[k], seconds * lengths[k] / total_steps, optimizer_state, finite[k]))
     return results
 
 

@@ -129,9 +129,11 @@ class Federation:
         return serialized_nbytes(shared) if shared else 0
 
     def inputs(self, rows: np.ndarray) -> torch.Tensor:
+        # index_select with a tensor: indexing with a NumPy array goes through a slower generic path.
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         if self.data.pixels is not None:
-            return self.data.pixels[rows].to(self.device)
-        return self.data.features[rows]
+            return self.data.pixels.index_select(0, index).to(self.device)
+        return self.data.features.index_select(0, index.to(self.data.features.device))
 
     def client_state(self, name: str) -> State:
         state = dict(self.global_state)
@@ -216,7 +218,7 @@ class Federation:
             self.diverged(f"client {error.client}, round {round_}: {error}")
         trained: dict[str, TrainedClient] = {}
         for job, result in zip(jobs, results):
-            if not finite(result.state):
+            if not result.finite:
                 self.diverged(f"client {job.name}, round {round_}: its adapter is not finite after local training")
             if keep_optimizer:
                 self.optimizer_states[job.name] = result.optimizer_state

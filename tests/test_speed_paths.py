@@ -77,10 +77,11 @@ def assert_same_optimizer_state(sequential: dict, batched: dict, exact: bool) ->
             assert_same(value, batched["state"][index][slot], exact, (index, slot))
 
 
+@pytest.mark.parametrize("forward", ["stacked", "vmap"])
 @pytest.mark.parametrize("kind", sorted(BATCHABLE))
 @pytest.mark.parametrize("loss", ["contrastive", "ce"])
 @pytest.mark.parametrize("rule", ["mean", "fedprox"])
-def test_batched_training_equals_one_client_at_a_time(kind, loss, rule):
+def test_batched_training_equals_one_client_at_a_time(kind, loss, rule, forward, monkeypatch):
     """Two rounds, moments kept across them, FedProx's penalty, ragged clients: parameters and Adam moments to
     1e-5, and bit for bit for FedCLIP's own setting (attai, contrastive). On the reference CPU every case but
     the text-side kinds with the CE loss is bit for bit (those differ by ~1e-8: the batched [K, B, d] x [K, d, C]
@@ -89,6 +90,9 @@ def test_batched_training_equals_one_client_at_a_time(kind, loss, rule):
     exact = kind == "attai" and loss == "contrastive"
     torch.manual_seed(0)
     adapter = build_adapter(kind, context())
+    assert type(adapter).has_stacked_forward(), f"{kind} batches but has no stacked_forward"
+    if forward == "vmap":  # the path a kind without its own stacked forward takes
+        monkeypatch.setattr(type(adapter), "has_stacked_forward", classmethod(lambda cls: False))
     strategy = build_strategy(rule)
     if rule == "fedprox":
         strategy.options = type(strategy.options)(mu=0.5)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.adapters.base import Adapter, ClassScores, register_adapter
+from engine.adapters.base import Adapter, ClassScores, register_adapter, stacked_linear
 
 
 @register_adapter
@@ -28,3 +28,9 @@ class AttentionAdapter(Adapter):
     def forward(self, features: torch.Tensor) -> ClassScores:
         adapted = self.attention(features) * features
         return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text)
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
+        hidden = torch.tanh(stacked_linear(features, params["attention.0.weight"], params["attention.0.bias"]))
+        scores = stacked_linear(hidden, params["attention.2.weight"], params["attention.2.bias"])
+        adapted = torch.softmax(scores, dim=2) * features
+        return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text.expand(len(features), *self.text.shape))

@@ -13,6 +13,14 @@ from engine.options.adapters import ADAPTER_KINDS
 from engine.registry import Registry
 
 
+def stacked_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for G clients: inputs ``[G, B, in]``, weight ``[G, out, in]``, bias ``[G, out]``. The same
+    product as ``F.linear`` (``addmm``) per client: one batched GEMM with the bias as its accumulator."""
+    if bias is None:
+        return torch.bmm(inputs, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), inputs, weight.transpose(1, 2))
+
+
 @dataclass
 class ClassScores:
     """What an adapter produces for a batch: logits = scale * image @ classes.T (+ bias)."""
@@ -53,6 +61,18 @@ class Adapter(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> ClassScores:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> ClassScores:
+        """``forward`` for G clients at once (``engine.batched``): ``params[name]`` is ``[G, ...]``, ``inputs``
+        ``[G, B, ...]``; image ``[G, B, d]``, classes ``[G, C, d]`` (a shared table may be expanded), bias
+        ``[G, C]``. Optional: a kind without one is vmapped through ``forward``, which gives the same numbers
+        with more dispatch per step. One that has one must give ``forward``'s bits client by client
+        (tests/test_speed_paths.py holds every batchable kind to that)."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_stacked_forward(cls) -> bool:
+        return cls.stacked_forward is not Adapter.stacked_forward
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a client sends: every parameter that trains, detached and cloned."""

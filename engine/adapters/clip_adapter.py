@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.adapters.base import Adapter, ClassScores, register_adapter
+from engine.adapters.base import Adapter, ClassScores, register_adapter, stacked_linear
 
 
 def relu_passing_zero(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,12 @@ class ResidualBottleneck(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.ratio * self.residual(features) + (1.0 - self.ratio) * features
 
+    def stacked(self, params: dict[str, torch.Tensor], prefix: str, features: torch.Tensor) -> torch.Tensor:
+        """``forward`` for G clients: ``params[prefix + ".down.weight"]`` is ``[G, ...]``, features ``[G, B, d]``."""
+        hidden = torch.relu(stacked_linear(features, params[f"{prefix}.down.weight"]))
+        residual = relu_passing_zero(stacked_linear(hidden, params[f"{prefix}.up.weight"]))
+        return self.ratio * residual + (1.0 - self.ratio) * features
+
 
 def bottleneck_from_options(dim: int, options) -> ResidualBottleneck:
     return ResidualBottleneck(dim, int(options.reduction), float(options.ratio))
@@ -70,3 +76,7 @@ class ClipAdapter(Adapter):
     def forward(self, features: torch.Tensor) -> ClassScores:
         adapted = self.image_adapter(features.to(self.text.dtype))
         return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text)
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
+        adapted = self.image_adapter.stacked(params, "image_adapter", features.to(self.text.dtype))
+        return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text.expand(len(features), *self.text.shape))

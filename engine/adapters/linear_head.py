@@ -36,3 +36,7 @@ class LinearHead(Adapter):
     def forward(self, features: torch.Tensor) -> ClassScores:
         image = F.normalize(features.to(self.weight.dtype), dim=-1)
         return ClassScores(image=image, classes=self.weight / self.scale, bias=self.bias)
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
+        image = F.normalize(features.to(params["weight"].dtype), dim=-1)
+        return ClassScores(image=image, classes=params["weight"] / self.scale, bias=params["bias"])

@@ -33,6 +33,11 @@ class TextAdapter(Adapter):
         classes = F.normalize(self.text_adapter(self.raw_text), dim=-1)
         return ClassScores(image=F.normalize(features.to(classes.dtype), dim=-1), classes=classes)
 
+    def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
+        text = self.raw_text.expand(len(features), *self.raw_text.shape)
+        classes = F.normalize(self.text_adapter.stacked(params, "text_adapter", text), dim=-1)
+        return ClassScores(image=F.normalize(features.to(classes.dtype), dim=-1), classes=classes)
+
 
 @register_adapter
 class ImageTextAdapter(Adapter):
@@ -54,3 +59,9 @@ class ImageTextAdapter(Adapter):
         image = F.normalize(self.image_adapter(features.to(self.raw_text.dtype)), dim=-1)
         classes = F.normalize(self.text_adapter(self.raw_text), dim=-1)
         return ClassScores(image=image, classes=classes)
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
+        adapted = self.image_adapter.stacked(params, "image_adapter", features.to(self.raw_text.dtype))
+        text = self.raw_text.expand(len(features), *self.raw_text.shape)
+        classes = F.normalize(self.text_adapter.stacked(params, "text_adapter", text), dim=-1)
+        return ClassScores(image=F.normalize(adapted, dim=-1), classes=classes)
