@@ -118,11 +118,12 @@ def engine_rounds(k: int, rounds: int, kind: str, mode: str = "auto"):
 
 def plain_rounds(k: int, rounds: int, kind: str):
     """The same rounds as a plain PyTorch loop: sequential clients, torch Adam, a uniform mean, evaluation."""
-    from engine.losses import contrastive_loss
+    from engine.losses import LOSSES
 
     fed = federation(k, "sequential", kind)
     adapter, train, data = fed.adapter, fed.preset.train, fed.data
     global_state = {n: v.clone() for n, v in adapter.trainable_state().items()}
+    loss_fn = LOSSES[train.loss]  # the preset's loss, as the engine trains with
     generators = [torch.Generator().manual_seed(i) for i in range(k)]
 
     def play():
@@ -138,7 +139,7 @@ def plain_rounds(k: int, rounds: int, kind: str):
                     chunk = order[start : start + BATCH]
                     if len(chunk) < 2:
                         continue
-                    loss = contrastive_loss(adapter(data.features[chunk]), data.labels[chunk], 100.0)
+                    loss = loss_fn(adapter(data.features[chunk]), data.labels[chunk], 100.0)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -160,12 +161,12 @@ def step_flops(kind: str) -> int:
     """Matmul FLOPs of one client's training step (forward and backward, batch of 32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.losses import contrastive_loss
+    from engine.losses import LOSSES
 
     fed = federation(1, "sequential", kind)
     rows = fed.data.clients[0].train[:BATCH]
     with FlopCounterMode(display=False) as counter:
-        loss = contrastive_loss(fed.adapter(fed.data.features[rows]), fed.data.labels[rows], 100.0)
+        loss = LOSSES[fed.preset.train.loss](fed.adapter(fed.data.features[rows]), fed.data.labels[rows], 100.0)
         loss.backward()
     return counter.get_total_flops()
 
