@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +50,11 @@ def save_round_state(run_dir: Path, round_: int, tensors: dict[str, torch.Tensor
     name = f"tensors-{digest[:16]}.safetensors"
     target = folder / name
     if not target.exists():
-        tmp = folder / f".{name}.tmp{os.getpid()}"
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(target, blob, durable=True)
     record = {"format": FORMAT, "round": round_, "tensors": name, "sha256": digest,
               "metrics_bytes": metrics_bytes, "info": info}
-    write_atomic(folder / STATE_FILE, json.dumps(record, indent=1) + "\n")
+    # Durable, and in this order: state.json never names a tensors file that a crash could still lose.
+    write_atomic(folder / STATE_FILE, json.dumps(record, indent=1) + "\n", durable=True)
     for old in folder.glob("tensors-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

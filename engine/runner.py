@@ -87,6 +87,8 @@ class _Session:
         self.preset, self.store, self.sink, self.control = preset, store, sink, control
         self.restored = restored
         self.started = time.time()
+        # A resumed run's summary counts the earlier sessions' time up to the round it resumes after.
+        self.earlier_seconds = float(restored.info.get("elapsed_seconds", 0.0)) if restored is not None else 0.0
         self.manifest: dict[str, Any] = {}
         self.fold = RunSummary(store.dir.name, preset.run.name, preset.run.rounds, preset.eval.selection)
         # A resumed run's earlier events are in metrics.jsonl already: fold them in, do not write them again.
@@ -115,7 +117,10 @@ class _Session:
         self.tell(ev.Log(level=level, text=text, time=time.time()))
 
     def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
-        return self.fold.as_dict(status, time.time() - self.started, error)
+        return self.fold.as_dict(status, self.elapsed(), error)
+
+    def elapsed(self) -> float:
+        return self.earlier_seconds + time.time() - self.started
 
     def write_manifest(self, **extra: Any) -> None:
         import numpy
@@ -276,7 +281,8 @@ class _Session:
 
         def after_round(round_: int) -> None:
             tensors, info = federation.state()
-            save_round_state(self.store.dir, round_, tensors, info, self.store.metrics_bytes())
+            info["elapsed_seconds"] = round(self.elapsed(), 3)
+            save_round_state(self.store.dir, round_, tensors, info, self.store.sync_metrics())
             self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
 
         federation.run(rounds, first_round, after_round)

@@ -24,15 +24,37 @@ from typing import Any
 from engine.events import Event, event_to_json
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file and rename it; on failure (a full disk) no temporary file is left behind."""
+def write_atomic(path: Path, data: str | bytes, durable: bool = False) -> None:
+    """Write a temporary file and rename it; on failure (a full disk) no temporary file is left behind.
+
+    ``durable``: the bytes reach the disk before the rename, and the rename before returning, so a power
+    cut or an OS crash (not just kill -9) leaves the old file or the new one, never an empty one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def new_run_dir(out_dir: str | Path, name: str, now: float | None = None) -> Path:
@@ -69,8 +91,10 @@ class RunStore:
     def read_json(self, name: str) -> Any:
         return json.loads((self.dir / name).read_text(encoding="utf-8"))
 
-    def metrics_bytes(self) -> int:
-        """How long metrics.jsonl is now: a resumed run cuts the file back to a round's end."""
+    def sync_metrics(self) -> int:
+        """metrics.jsonl on the disk up to here, and its length: a round's state names that length, and a
+        resumed run cuts the file back to it."""
+        os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
     def append_event(self, event: Event) -> None:

@@ -87,13 +87,16 @@ def test_kill_in_round_3_then_resume_equals_an_uninterrupted_run(tiny_preset_fil
     kill_when(["run", str(tiny_preset_file), "--out", str(killed), *[f"--set={s}" for s in SETTINGS]],
               feature_cache, round_done(killed, 3))
     assert not (killed / "summary.json").exists()
-    assert json.loads((killed / "state" / "state.json").read_text())["round"] in (3, 4, 5)
+    state = json.loads((killed / "state" / "state.json").read_text())
+    assert state["round"] in (3, 4, 5)
 
     fedtui("run", "--resume", str(killed), cache=feature_cache)
     assert without_timings(killed) == without_timings(whole)
     assert checkpoints(killed) == checkpoints(whole)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 6
+    # The time the killed session spent on the rounds it kept counts in the summary, not only the resumed part.
+    assert summary["seconds"] > state["info"]["elapsed_seconds"] > 0
     assert json.loads((killed / "manifest.json").read_text())["resumed"][0]["after_round"] >= 3
 
 

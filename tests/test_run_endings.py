@@ -87,14 +87,31 @@ def test_a_full_disk_never_leaves_a_torn_line_or_a_temp_file(tmp_path, monkeypat
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert text.endswith("\n") and [e.text for e in ev.read_events(tmp_path / "run" / "metrics.jsonl")] == ["first"]
 
-    def enospc(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class HalfWritten:
+        """The temporary file is created and half its bytes land before ENOSPC, as on a disk that fills up."""
 
-    monkeypatch.setattr(Path, "write_text", enospc)
-    with pytest.raises(OSError):
-        store.write_json("summary.json", {"status": "completed"})
-    monkeypatch.undo()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+        def __init__(self, path, mode):
+            self.handle = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    from engine import runstore
+
+    for durable in (False, True):
+        monkeypatch.setattr(runstore, "open", HalfWritten, raising=False)
+        with pytest.raises(OSError):
+            runstore.write_atomic(tmp_path / "run" / "summary.json", '{"status": "completed"}', durable=durable)
+        monkeypatch.undo()
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
 
 
 @pytest.mark.slow
