@@ -24,6 +24,7 @@ from engine.options.codecs import CODECS
 from engine.options.strategies import AGGREGATIONS
 from engine.schema import (
     PresetError,
+    Problem,
     Problems,
     build_section,
     fill_options,
@@ -325,11 +326,30 @@ def load_preset(path: str | Path, overrides: list[str] | None = None) -> Preset:
 
 
 def preset_from_raw(
-    raw: dict[str, Any], path: str | Path, overrides: list[str] | None = None, source: str | None = None
+    raw: dict[str, Any], path: str | Path, overrides: list[str] | None = None, source: str | None = None,
+    origins: list[str] | None = None,
 ) -> Preset:
-    """The parsed TOML of the file at ``path`` with overrides applied and its relative paths anchored there."""
+    """The parsed TOML of the file at ``path`` with overrides applied and its relative paths anchored there.
+    ``origins[i]``: the option that gave ``overrides[i]`` (default ``--set``), named when its value is bad."""
     merged = apply_overrides(raw, overrides or [])
-    return preset_from_dict(resolve_relative_paths(merged, Path(path).resolve().parent), source=source or str(path))
+    try:
+        return preset_from_dict(resolve_relative_paths(merged, Path(path).resolve().parent), source=source or str(path))
+    except PresetError as error:
+        raise _blame_overrides(error, overrides or [], origins) from None
+
+
+def _blame_overrides(error: PresetError, overrides: list[str], origins: list[str] | None) -> PresetError:
+    """A bad value that came from an override is reported as ``--set``'s (or ``--vary``'s), not the file's,
+    which may well be fine."""
+    given = {}
+    for text, origin in zip(overrides, origins or ["--set"] * len(overrides)):
+        section, key, _ = parse_override(text)  # apply_overrides has parsed each one already
+        given[f"{section}.{key}"] = f"{origin} {text}"
+    if not any(p.key in given for p in error.problems):
+        return error
+    problems = [Problem(given[p.key], p.key, p.message) if p.key in given else p for p in error.problems]
+    first = problems[0]
+    return PresetError(first.source, first.key, first.message, problems)
 
 
 def resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

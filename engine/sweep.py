@@ -184,6 +184,7 @@ def plan_runs(
     planned, problems = [], Problems(str(path))
     for seed, point in itertools.product(seeds if seeds is not None else [None], points):
         overrides = [*(common or []), *point.overrides, *([f"run.seed={seed}"] if seed is not None else [])]
+        origins = ["--set"] * len(common or []) + ["--vary"] * len(point.overrides) + ["--seeds"] * (seed is not None)
         try:
             run_table = apply_overrides(raw, overrides).get("run", {})
             name = run_table.get("name", "run") if isinstance(run_table, dict) else "run"
@@ -191,8 +192,9 @@ def plan_runs(
             suffix = "-".join(s for s in (slug, f"seed{seed}" if seed is not None else "") if s)
             if suffix:
                 overrides.append(f"run.name={name}-{suffix}")
+                origins.append("--vary")
             where = point.label if seed is None else f"{point.label} seed={seed}"
-            preset = resolve(preset_from_raw(raw, path, overrides, source=f"{path} ({where})"))
+            preset = resolve(preset_from_raw(raw, path, overrides, source=f"{path} ({where})", origins=origins))
             planned.append(PlannedRun(point, preset.run.seed, preset, seeded=seed is not None))
         except PresetError as error:
             problems.extend(error)

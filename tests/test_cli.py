@@ -54,6 +54,19 @@ def test_bad_override_exits_2(tiny_preset_file):
     assert "Did you mean 'fedavg'" in result.output
 
 
+def test_a_bad_value_given_with_set_is_blamed_on_set_not_on_the_file(tmp_path):
+    """The shipped file is fine; the message must point at what the user typed, and the file's own mistakes
+    still at the file."""
+    preset = tmp_path / "mine.toml"
+    preset.write_text('[model]\narch = "fedtui-clip-tiny"\npretrained = "none"\n[train]\nbatch_size = 0\n')
+    result = runner.invoke(cli, ["check", str(preset), "--set", "train.lr=nan", "--set", "run.rounds=1e9"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    lines = result.output.replace("error: ", "").splitlines()
+    assert "--set train.lr=nan: [train.lr] must be a finite number, got nan" in lines
+    assert any(line.startswith("--set run.rounds=1e9: [run.rounds] expected an integer") for line in lines)
+    assert any(line.startswith(f"{preset}: [train.batch_size]") for line in lines)
+
+
 def test_presets_lists_shipped_presets_with_descriptions():
     result = runner.invoke(cli, ["presets"], env={"COLUMNS": "200"})
     assert result.exit_code == 0

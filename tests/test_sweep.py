@@ -32,6 +32,14 @@ def test_a_bad_value_anywhere_fails_before_any_run(tiny_preset_file, tmp_path):
     result = CliRunner().invoke(cli, ["sweep", str(tiny_preset_file), "--vary", "federation.aggregation=mean,fedavgg"])
     assert result.exit_code == EXIT_BAD_INPUT
     assert "fedavgg" in result.output and "Did you mean 'fedavg'" in result.output
+    assert "--vary federation.aggregation=fedavgg: [federation.aggregation]" in result.output
+    assert not (tmp_path / "runs").exists()
+    # A bad value names the option it came from: --vary for a point's, --set for the common one.
+    result = CliRunner().invoke(cli, ["sweep", str(tiny_preset_file), "--vary", "train.lr=0.1,nan",
+                                      "--set", "train.batch_size=0"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "--vary train.lr=nan: [train.lr] must be a finite number" in result.output
+    assert "--set train.batch_size=0: [train.batch_size]" in result.output
     assert not (tmp_path / "runs").exists()
 
 
