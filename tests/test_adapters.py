@@ -12,7 +12,7 @@ from engine.adapters import AdapterContext, build_adapter
 from engine.adapters.base import ADAPTERS
 from engine.options.adapters import ADAPTER_KINDS, LoRAOptions, PromptOptions
 from engine.presets import AdapterSection, preset_from_dict
-from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset, zero_shot_logits
+from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset_with_features, zero_shot_logits
 
 ZERO_SHOT_KINDS = ["clip_adapter", "text_adapter", "both", "linear_head", "lora", "prompt"]
 
@@ -30,10 +30,7 @@ def context() -> AdapterContext:
 
 @pytest.fixture(scope="module")
 def data(context):
-    images, labels = tiny_dataset()
-    with torch.no_grad():
-        features = context.clip_model.encode_image(images)
-    return images, features, labels
+    return tiny_dataset_with_features(context)
 
 
 def inputs_for(adapter, data):

@@ -29,7 +29,7 @@ from engine.options.adapters import ADAPTER_KINDS, HoulsbyOptions, PrefixOptions
 from engine.presets import PresetError, preset_from_dict
 from engine.resolve import resolve
 from engine.strategies.base import weighted_mean
-from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset, zero_shot_logits
+from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset_with_features, zero_shot_logits
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLIP = REPO / "engine" / "assets" / "fedtui-clip-tiny"
@@ -43,10 +43,7 @@ def context():
 
 @pytest.fixture(scope="module")
 def data(context):
-    images, labels = tiny_dataset()
-    with torch.no_grad():
-        features = context.clip_model.encode_image(images)
-    return images, features, labels
+    return tiny_dataset_with_features(context)
 
 
 def inputs_for(adapter, data):

@@ -9,25 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from engine import events as ev
 from engine.backbone import load_backbone, weights_fingerprint
 from engine.presets import PRESETS_DIR, PresetError, load_preset, read_preset
 from engine.runner import run
+from image_folders import PACS_CLASSES, make_image_folder
 
-PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
-PACS_CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
-
-
-def make_image_folder(root: Path, per_class: int = 2) -> Path:
-    for d, domain in enumerate(PACS_DOMAINS):
-        for c, name in enumerate(PACS_CLASSES):
-            folder = root / domain / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (40, 30), (30 * c, 60 * d, 17 * i)).save(folder / f"{i}.png")
-    return root
 
 
 def test_paper_preset_validates_and_stops_only_at_the_weights_download(tmp_path, monkeypatch):

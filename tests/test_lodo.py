@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from engine import synthetic
@@ -18,18 +17,13 @@ from engine.sweep import (
     COLUMNS, SweepRecord, expand, holdout_domains, lodo_csv, lodo_latex, lodo_markdown, lodo_tables, plan_runs,
 )
 from fedtui.cli import EXIT_BAD_INPUT, cli
+import image_folders
 
 SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "engine" / "assets" / "fedtui-clip-tiny"
 
 
 def make_image_folder(root: Path, domains, classes=("cat", "dog", "fish"), per_class: int = 4) -> Path:
-    for d, domain in enumerate(domains):
-        for c, name in enumerate(classes):
-            folder = root / domain / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (32, 24), (60 * c, 50 * d, 20 * i)).save(folder / f"{i}.png")
-    return root
+    return image_folders.make_image_folder(root, domains, classes, per_class, size=(32, 24))
 
 
 # -- the table from summaries, by hand ------------------------------------------------------------------

@@ -52,6 +52,14 @@ def tiny_dataset(count_per_class: int = 6, seed: int = 1) -> tuple[torch.Tensor,
     return images, labels
 
 
+def tiny_dataset_with_features(context: AdapterContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, their frozen image features, labels): inputs for kinds with and without the encoder in the loop."""
+    images, labels = tiny_dataset()
+    with torch.no_grad():
+        features = context.clip_model.encode_image(images)
+    return images, features, labels
+
+
 def zero_shot_logits(context: AdapterContext, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         image = F.normalize(context.clip_model.encode_image(images), dim=-1)

@@ -121,12 +121,7 @@ class HoulsbyAdapter(Adapter):
             self.text_transformer = shared_copy(tower.transformer)
             self.text_blocks = insert_adapters(self.text_transformer, layers, reduction, generator)
             self.text_tower = dataclasses.replace(tower, transformer=self.text_transformer)
-            device = tower.token_embedding.weight.device
-            tokens = context.tokenizer(context.prompts).to(device)
-            with torch.no_grad():
-                embedded = tower.token_embedding(tokens)
-            self.register_buffer("tokens", tokens, persistent=False)
-            self.register_buffer("embedded", embedded, persistent=False)
+            self.text_tower.embed_prompts(self, context)
             # The text adapters' tensors, for the eval cache's key (kept even when a wrapper freezes them).
             self.text_adapter_tensors = [p for p in self.text_transformer.parameters() if p.requires_grad]
         else:

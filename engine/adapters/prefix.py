@@ -145,12 +145,7 @@ class PrefixTuning(Adapter):
 
         if self.tower == "text":
             self.text_tower = dataclasses.replace(text, transformer=self.encoder)
-            device = text.token_embedding.weight.device
-            tokens = context.tokenizer(context.prompts).to(device)
-            with torch.no_grad():
-                embedded = text.token_embedding(tokens)
-            self.register_buffer("tokens", tokens, persistent=False)
-            self.register_buffer("embedded", embedded, persistent=False)
+            self.text_tower.embed_prompts(self, context)
         else:
             self.dtype = next(model.visual.parameters()).dtype
             self.register_buffer("text", F.normalize(context.class_text_features.float(), dim=-1), persistent=False)

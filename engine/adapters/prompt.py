@@ -59,6 +59,15 @@ class TextTower:
         return cls(model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
                    model.text_projection, model.attn_mask, model.text_pool_type, getattr(model, "text_eos_id", None))
 
+    def embed_prompts(self, module: nn.Module, context) -> None:
+        """Tokenise the class prompts once and keep their frozen token embeddings on ``module`` as the
+        (non-persistent) buffers ``tokens`` and ``embedded``, for kinds that rerun this tower every step."""
+        tokens = context.tokenizer(context.prompts).to(self.token_embedding.weight.device)
+        with torch.no_grad():
+            embedded = self.token_embedding(tokens)
+        module.register_buffer("tokens", tokens, persistent=False)
+        module.register_buffer("embedded", embedded, persistent=False)
+
     def encode_embedded(self, embedded: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``encode_text`` from token embeddings instead of token ids (ids still pick the pooled position).
 
