@@ -151,13 +151,22 @@ def sweep(
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help='the point the others are compared to, paired by seed: "aggregation=mean" (default: the first)'
     ),
+    log: list[str] = typer.Option(
+        [], "--log", help="log every run of the sweep to tensorboard[=DIR] | mlflow[=TRACKING_URI] | wandb[=PROJECT], "
+        "one tracker run each (repeatable)"
+    ),
 ) -> None:
     """Run a preset once per setting (and seed) and print one comparison table (saved as CSV and JSONL)."""
     from engine.presets import PresetError, read_preset_toml
     from engine.sweep import expand, holdout_domains, parse_seeds, pick_baseline, plan_runs
+    from fedtui.trackers import TrackedSink, TrackerError, open_trackers
 
     if not vary and seeds is None:
         raise _bad_input("give --vary key=v1,v2,... (one run per value) and/or --seeds 0-4")
+    try:
+        open_trackers(log)  # a missing package or store is bad input before any run; each run opens its own
+    except TrackerError as error:
+        raise _bad_input(str(error))
     try:
         raw = read_preset_toml(preset)
         seed_list = parse_seeds(seeds) if seeds is not None else None
@@ -181,9 +190,20 @@ def sweep(
     except OSError as error:
         raise _bad_input(f"cannot create the sweep folder under run.out_dir {out_root!r}: {error.strerror or error}")
     reporter = SweepReporter(len(plan))
+
+    def run_tracked(preset, sink, control, run_dir=None):
+        """One run of the sweep with its own tracker runs, ended before the next starts (MLflow and W&B
+        keep one active run a process)."""
+        tracked = TrackedSink(sink, open_trackers(log), preset)
+        try:
+            return run_engine(preset, tracked, control, run_dir=run_dir)
+        finally:
+            tracked.close()
+
     previous = signal.signal(signal.SIGINT, lambda signum, frame: control.stop())
     try:
-        result = run_sweep(plan, out_dir, run_engine, reporter.sink_for, control, baseline=baseline_label)
+        result = run_sweep(plan, out_dir, run_tracked if log else run_engine, reporter.sink_for, control,
+                           baseline=baseline_label)
     finally:
         signal.signal(signal.SIGINT, previous)
         reporter.close()

@@ -266,3 +266,33 @@ def test_an_mlflow_store_that_cannot_be_used_is_bad_input(tiny_preset_file, tmp_
                                  "--log", f"mlflow=nosuchscheme://{tmp_path}"])
     assert result.exit_code == 2 and "--log mlflow: cannot use the tracking store" in result.output
     assert not out.exists() and time.time() - started < 60
+
+
+@pytest.mark.slow
+def test_a_sweep_logs_each_run_to_its_own_tracker_run(tmp_path, feature_cache):
+    """``fedtui sweep --log``: every point a tracker run of its own, with its own numbers."""
+    if not (HAVE["tensorboard"] and HAVE["mlflow"]):
+        pytest.skip("needs tensorboard and mlflow (pip install 'fedtui[tensorboard,mlflow]')")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(TINY_PRESET.format(out=tmp_path / "runs", cache=feature_cache))
+    store = (tmp_path / "mlruns").as_uri()
+    env = {"COLUMNS": "200", "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_EXPERIMENT_NAME": "fedtui-sweep"}
+    result = runner.invoke(cli, ["sweep", str(preset), "--vary", "train.lr=1e-3,1e-2", "--set", "run.rounds=1",
+                                 "--log", "tensorboard", "--log", f"mlflow={store}"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "stopped logging" not in result.output, result.output
+    run_dirs = sorted(p.parent for p in (tmp_path / "runs").glob("*/metrics.jsonl"))
+    assert len(run_dirs) == 2
+    for run_dir in run_dirs:
+        (finished,) = [e for e in read_events(run_dir / "metrics.jsonl") if isinstance(e, ev.RoundFinished) and e.round == 1]
+        accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+        accumulator.Reload()
+        assert close({e.step: e.value for e in accumulator.Scalars("mean/test_accuracy")}[1], finished.mean_test)
+    client = MlflowClient(tracking_uri=store)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "fedtui-sweep"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(float(r.data.params["train.lr"]) for r in runs) == [1e-3, 1e-2]
+    assert all(r.info.status == "FINISHED" for r in runs)
