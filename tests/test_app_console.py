@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -349,3 +350,91 @@ def test_runs_screen_resumes_a_stopped_run_to_the_end(tiny_preset_file, tmp_path
     run(body())
     summary = json.loads((stopped.run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+
+
+def test_runs_screen_follows_a_run_another_process_is_writing(tiny_preset_file, tmp_path):
+    """A run that is still going (here: the real engine in a thread, held after round 1) opens as a dashboard
+    that reads its metrics.jsonl as it grows, and stops reading when the run ends."""
+    from engine import events as ev
+    from engine.control import RunControl
+    from engine.presets import load_preset
+    from engine.runner import run as engine_run
+
+    preset = load_preset(tiny_preset_file, ["run.rounds=3"])
+    hold = threading.Event()
+    outcome = {}
+
+    def sink(event):
+        if isinstance(event, ev.RoundFinished) and event.round == 1:
+            hold.wait(120)  # the line is in metrics.jsonl already; the run waits here
+
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", engine_run(preset, sink, RunControl())))
+    thread.start()
+    runs = tmp_path / "runs"
+    deadline = time.monotonic() + 120
+    while not any('"round": 1' in p.read_text() and "RoundFinished" in p.read_text()
+                  for p in runs.glob("*/metrics.jsonl")):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+
+    async def body():
+        from fedtui.app import FedtuiApp
+        from fedtui.app.catalog import PresetSources
+
+        app = FedtuiApp(engine_run=engine_run, runs_dir=runs,
+                        preset_sources=PresetSources(shipped=[], user_dir=tmp_path / "user", cwd=tmp_path))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("r")
+            await wait_for(pilot, lambda: [r.status for r in app.runs_screen.records] == ["running"])
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen) and app.screen.follower is not None)
+            dashboard = app.screen
+            assert [p.round for p in dashboard.state.points] == [0, 1] and dashboard.state.status == "running"
+            assert dashboard.query_one(ClientTable).row_count == 3
+            hold.set()
+            await wait_for(pilot, lambda: dashboard.state.status == "completed", timeout=120)
+            assert [p.round for p in dashboard.state.points] == [0, 1, 2, 3]
+            assert not dashboard.follower.following
+            await pilot.press("x", "s")  # a followed run is another process's: no run keys here
+            assert app.run_live is False
+
+    try:
+        run(body())
+    finally:
+        hold.set()
+        thread.join(120)
+    assert outcome["result"].status == "completed"
+
+
+def test_a_follower_applies_whole_lines_only_reports_damage_and_sees_a_killed_writer(tiny_preset_file, tmp_path):
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    from engine.control import RunControl
+    from engine.presets import load_preset
+    from engine.runner import run as engine_run
+    from fedtui.app.runstore import RunFollower
+
+    done = engine_run(load_preset(tiny_preset_file, ["run.rounds=1"]), lambda e: None, RunControl())
+    lines = (done.run_dir / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    finished = next(i for i, line in enumerate(lines) if b'"RunFinished"' in line)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = tmp_path / "followed"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"pid": os.getpid(), "host": platform.node()}))
+    metrics = folder / "metrics.jsonl"
+    metrics.write_bytes(b"".join(lines[:3]) + lines[3][:10])  # three lines and the start of a fourth
+    follower = RunFollower(folder)
+    assert follower.offset == len(b"".join(lines[:3])) and follower.following
+    with metrics.open("ab") as handle:
+        handle.write(lines[3][10:] + b"{not json\n" + b"".join(lines[4:finished]))
+    assert follower.poll()
+    assert any("line 5 skipped" in text for text in follower.state.log_lines)
+    assert [p.round for p in follower.state.points] == [0, 1] and follower.following
+    (folder / "manifest.json").write_text(json.dumps({"pid": gone.pid, "host": platform.node()}))  # the writer died
+    follower.poll()  # one quiet poll is not yet an ending: the last event may be on its way
+    assert follower.following
+    assert follower.poll() and follower.state.status == "killed" and not follower.following

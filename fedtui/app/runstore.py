@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine import runstore as engine_runstore
-from engine.events import Log, RoundFinished, RunFailed, RunFinished, RunStarted, describe_read_warnings, read_events
+from engine.events import (
+    Log,
+    RoundFinished,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    describe_read_warnings,
+    event_from_dict,
+    read_events,
+)
 
 from .state import RunState
 
@@ -76,3 +86,57 @@ def replay(path: Path) -> RunState:
     if state.status in ("running", "starting"):
         state.status = engine_runstore.run_status(path, {})
     return state
+
+
+FINAL = ("completed", "stopped", "failed", "diverged", "interrupted", "killed")
+
+
+class RunFollower:
+    """A run another process is writing (a headless ``fedtui run``, a Flower server), followed as it goes:
+    each ``poll`` applies the whole lines its metrics.jsonl gained since the last one to ``state``.
+    A line that cannot be read becomes a warning in the log; a run whose process is gone is ``killed``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.state = RunState()
+        self.offset = 0
+        self.line = 0
+        self._ended_at_last_poll = False
+        self.poll()
+
+    @property
+    def following(self) -> bool:
+        return self.state.status not in FINAL
+
+    def poll(self) -> bool:
+        """Read what is new; True when something was applied (or the run turned out to have ended)."""
+        if not self.following:
+            return False
+        try:
+            with open(self.path / "metrics.jsonl", "rb") as handle:
+                handle.seek(self.offset)
+                new = handle.read()
+        except OSError:
+            new = b""
+        whole = new[: new.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(whole)
+        for raw in whole.splitlines():
+            self.line += 1
+            if not raw.strip():
+                continue
+            try:
+                self.state.apply(event_from_dict(json.loads(raw.decode("utf-8"))))
+            except Exception as error:  # noqa: BLE001 - a damaged line is reported, never fatal
+                self.state.apply(Log(level="warning", text=f"metrics.jsonl line {self.line} skipped: {error}",
+                                     time=self.state.last_event_time or 0.0))
+        changed = bool(whole)
+        if self.following and not whole:
+            status = engine_runstore.run_status(self.path, engine_runstore.read_summary(self.path))
+            # Ended without its last event (kill -9), or its summary landed a moment before that event: one
+            # more empty poll, then take the summary's word.
+            if status in FINAL and self._ended_at_last_poll:
+                self.state.status = status
+                self.state.dirty.update({"header", "progress"})
+                changed = True
+            self._ended_at_last_poll = status in FINAL
+        return changed

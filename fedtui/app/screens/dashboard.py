@@ -11,6 +11,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Log, ProgressBar
 
+from ..runstore import RunFollower
 from ..state import RunState
 from ..widgets.charts import AccuracyChart, LossChart
 from ..widgets.client_table import ClientTable
@@ -32,11 +33,14 @@ class DashboardScreen(Screen):
         Binding("q", "app.quit", "Quit"),
     ]
 
+    FOLLOW_INTERVAL = 0.5  # seconds between reads of a followed run's metrics.jsonl
+
     def __init__(self, state: RunState, *, live: bool = True, elapsed: Callable[[], float | None] | None = None,
-                 title: str = "", name: str | None = None) -> None:
+                 title: str = "", name: str | None = None, follower: RunFollower | None = None) -> None:
         super().__init__(name=name)
         self.state = state
         self.live = live
+        self.follower = follower  # a run another process is writing: read as it grows
         self.elapsed = elapsed or (lambda: None)
         self.run_title = title
         self._chart_at = float("-inf")
@@ -55,6 +59,20 @@ class DashboardScreen(Screen):
     def on_mount(self) -> None:
         self.query_one(ClientTable).focus()
         self.refresh_view(force=True)
+        if self.follower is not None and self.follower.following:
+            self._follow_timer = self.set_interval(self.FOLLOW_INTERVAL, self.follow)
+
+    def follow(self) -> None:
+        """Apply what the followed run wrote since the last read; stop reading once it has ended."""
+        follower = self.follower
+        if follower is None:
+            return
+        if follower.poll():
+            with self.app.batch_update():
+                self.refresh_view()
+        if not follower.following:
+            self._follow_timer.stop()
+            self.notify(f"The run ended: {follower.state.status}", timeout=6)
 
     def on_screen_resume(self) -> None:
         with self.app.batch_update():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label
 
 from ..fmt import duration, pct
-from ..runstore import RunRecord, list_runs, replay
+from ..runstore import RunFollower, RunRecord, list_runs, replay
 from ..widgets.charts import CompareChart
 from .dashboard import DashboardScreen
 
@@ -158,6 +159,18 @@ class RunsScreen(Screen):
         record = self._current()
         if record is None:
             self.notify("No run selected", severity="warning")
+            return
+        if record.status == "running":  # another process is writing it: follow it as it goes
+            follower = RunFollower(record.path)
+            state = follower.state
+
+            def elapsed() -> float | None:
+                if state.seconds is not None:
+                    return state.seconds
+                return None if state.started_at is None else time.time() - state.started_at
+
+            self.app.push_screen(DashboardScreen(state, live=False, elapsed=elapsed, follower=follower,
+                                                 title=f"following {record.run_id}"))
             return
         state = replay(record.path)
         seconds = state.seconds
