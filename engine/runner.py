@@ -59,7 +59,7 @@ def run(
     if resume:
         _rewind_metrics(run_dir, restored.metrics_bytes if restored else 0)
     store = RunStore(run_dir)
-    session = _Session(preset, store, sink or (lambda event: None), control, restored)
+    session = RunSession(preset, store, sink or (lambda event: None), control, restored)
     try:
         return session.execute()
     finally:
@@ -82,7 +82,12 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-class _Session:
+class RunSession:
+    """One run's lifecycle around its rounds: preset.toml and manifest.json first, every event into
+    metrics.jsonl and the sink, round state after each round, summary.json however the run ends. ``_run``
+    builds and plays the rounds; a subclass with other clients (``engine.flower.server.FlowerSession``)
+    replaces only that."""
+
     def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl, restored=None):
         self.preset, self.store, self.sink, self.control = preset, store, sink, control
         self.restored = restored

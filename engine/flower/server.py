@@ -4,7 +4,7 @@
 its SuperNode through a ``Transport`` (``engine.flower.apps.GridTransport`` over Flower's Grid; a test may
 pass its own). Everything else is the in-process run's own code:
 
-- the run directory and its lifecycle (``engine.runner._Session``): preset.toml and manifest.json first,
+- the run directory and its lifecycle (``engine.runner.RunSession``): preset.toml and manifest.json first,
   every event in metrics.jsonl as it happens (``RunStore``), summary.json as the fold ``RunSummary`` however
   the run ends, checkpoints best / last (and WiSE-FT's), a heartbeat after each round; so the console's runs
   screen and ``fedtui runs``-style listings show a Flower run like any other;
@@ -40,7 +40,7 @@ from engine.control import RunControl
 from engine.federation import Federation, RoundOutcome, finite, sample_cohort
 from engine.flower import Answer, Dropped, FlowerError, RunInfo
 from engine.presets import Preset, to_toml
-from engine.runner import RunResult, _Session
+from engine.runner import RunResult, RunSession
 from engine.runstore import RunStore, new_run_dir
 from engine.signing import Refused
 from engine.strategies import ClientUpdate, Strategy, build_strategy
@@ -130,7 +130,7 @@ class FlowerFederation(Federation):
         super().evaluate(round_, outcome, zero_shot)
 
 
-class FlowerSession(_Session):
+class FlowerSession(RunSession):
     """``engine.runner``'s run lifecycle (files, manifest, summary, failure handling) around a Flower federation."""
 
     def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl, transport: Transport):
