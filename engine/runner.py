@@ -55,15 +55,22 @@ def run(
     if resume and run_dir is None:
         raise ValueError("resume needs the run directory to continue")
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(preset.run.out_dir, preset.run.name)
-    restored = load_round_state(run_dir) if resume else None  # a ResumeError is the caller's bad input
-    if resume:
-        _rewind_metrics(run_dir, restored.metrics_bytes if restored else 0)
+    restored = reopen(run_dir) if resume else None
     store = RunStore(run_dir)
     session = RunSession(preset, store, sink or (lambda event: None), control, restored)
     try:
         return session.execute()
     finally:
         store.close()
+
+
+def reopen(run_dir: Path):
+    """A run directory to continue: its last kept round (None: none was kept, start over in it), with
+    metrics.jsonl cut back to that round and the files of how it ended removed. A ResumeError (bad input)
+    when its state cannot be read."""
+    restored = load_round_state(run_dir)
+    _rewind_metrics(run_dir, restored.metrics_bytes if restored else 0)
+    return restored
 
 
 def _rewind_metrics(run_dir: Path, length: int) -> None:
@@ -277,20 +284,23 @@ class RunSession:
                 encoded=data.encoded, cached=data.cached, seconds=data.encode_seconds, feature_dim=data.features.shape[1]
             )
         )
-        first_round = 1
-        if self.restored is not None:
-            federation.load_state(self.restored.tensors, self.restored.info)
-            first_round = self.restored.round + 1
-            self.log("info", f"resumed after round {self.restored.round} of {rounds}")  # said, not written:
-            self.replaying = False  # the file reads as one uninterrupted run
+        federation.run(rounds, self.restore(federation, rounds), lambda round_: self.keep_round(federation, round_))
 
-        def after_round(round_: int) -> None:
-            tensors, info = federation.state()
-            info["elapsed_seconds"] = round(self.elapsed(), 3)
-            save_round_state(self.store.dir, round_, tensors, info, self.store.sync_metrics())
-            self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
+    def restore(self, federation, rounds: int) -> int:
+        """A resumed run's federation back where its last kept round left it; the round to play next."""
+        if self.restored is None:
+            return 1
+        federation.load_state(self.restored.tensors, self.restored.info)
+        self.log("info", f"resumed after round {self.restored.round} of {rounds}")  # said, not written:
+        self.replaying = False  # the file reads as one uninterrupted run
+        return self.restored.round + 1
 
-        federation.run(rounds, first_round, after_round)
+    def keep_round(self, federation, round_: int) -> None:
+        """After each round: what the next one depends on (``state/``), and a heartbeat that says the run lives."""
+        tensors, info = federation.state()
+        info["elapsed_seconds"] = round(self.elapsed(), 3)
+        save_round_state(self.store.dir, round_, tensors, info, self.store.sync_metrics())
+        self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
 
 
 def _fedtui_version() -> str:

@@ -232,6 +232,38 @@ def test_through_the_apps_records_every_rule_gives_the_in_process_numbers(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_stopped_flower_run_resumes_with_the_in_process_numbers(tmp_path, feature_cache, task_identity):
+    """Stopped after round 1 (server moments, top-k residuals and Adam's moments kept at the sites), then
+    resumed: the same numbers as one uninterrupted in-process run. Another preset is refused, nothing touched."""
+    from engine import events as ev
+    from engine.control import RunControl
+    from engine.flower import FlowerError
+    from engine.flower.server import serve
+
+    overrides = RULES["fedadam"] + ["federation.compression=topk", "train.reset_optimizer_each_round=false"]
+    preset_path = write_preset(tmp_path, feature_cache)
+    reference = in_process(preset_path, overrides)
+    control = RunControl()
+
+    def stop_after_round_1(event):
+        if isinstance(event, ev.RoundFinished) and event.round == 1:
+            control.stop()
+
+    run_dir, sites = tmp_path / "flower-run", tmp_path / "state"
+    first = serve(preset_path, Loopback(sites), overrides, run_dir, sink=stop_after_round_1, control=control)
+    assert first.status == "stopped"
+    assert json.loads((run_dir / "state" / "state.json").read_text())["round"] == 1
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(FlowerError, match="not the one this run ran"):
+        serve(preset_path, Loopback(sites), overrides + ["train.lr=0.5"], run_dir, sink=None, resume=True)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+    second = serve(preset_path, Loopback(sites), overrides, run_dir, sink=None, resume=True)
+    assert second.status == "completed", second.summary
+    assert_same_numbers(run_dir, reference)
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed"][0]["after_round"] == 1
+
+
+@pytest.mark.slow
 def test_a_site_with_only_its_own_domain_trains_the_same_round(tmp_path, feature_cache, task_identity):
     """The node config says where a site's things are; here each site keeps only its own domain
     (``set = 'data.domains=[...];data.holdout=[]'``) and its own cache folder, and the numbers do not move."""

@@ -18,7 +18,10 @@ whose update does not decode is reported by a Log event naming it and why, and t
 that answered when at least ``min(federation.min_clients, cohort)`` did; otherwise the run fails with one
 line. When every client answers, the per-round accuracies are the in-process run's (tests/test_flower.py).
 
-Not here: resume (a Flower run writes no round state; start it again), ``loadaboost`` (a second exchange
+A Flower run keeps its round state as ``fedtui run`` does (``state/``), so ``serve(..., resume=True)`` (and
+``fedtui flower local --resume``) continues it from its last kept round with the same numbers.
+
+Not here: ``loadaboost`` (a second exchange
 within a round), ``centralised`` and ``local`` (nothing federated), and a server without the preset's
 images (the server evaluates; with ``imagefolder`` it needs ``data.root``). With personal layers the server
 holds only the shared part and reports each client's accuracy with the global adapter (``global_test``).
@@ -133,8 +136,9 @@ class FlowerFederation(Federation):
 class FlowerSession(RunSession):
     """``engine.runner``'s run lifecycle (files, manifest, summary, failure handling) around a Flower federation."""
 
-    def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl, transport: Transport):
-        super().__init__(preset, store, sink, control)
+    def __init__(self, preset: Preset, store: RunStore, sink, control: RunControl, transport: Transport,
+                 restored=None):
+        super().__init__(preset, store, sink, control, restored)
         self.transport = transport
 
     def _run(self) -> None:
@@ -169,10 +173,10 @@ class FlowerSession(RunSession):
                        list(federation.shared_keys))
         self.transport.start(info, self.log)
 
-        def after_round(round_: int) -> None:  # no round state (no resume); the heartbeat says it is alive
-            self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
-
-        federation.run(side.rounds, 1, after_round)
+        # The clients' own state (Adam's moments, personal layers, top-k residuals) is kept at each site round by
+        # round, and their random streams are replayed from the seed: the server's side is all a resume needs.
+        first_round = self.restore(federation, side.rounds)
+        federation.run(side.rounds, first_round, lambda round_: self.keep_round(federation, round_))
 
 
 def printer(event: ev.Event) -> None:
@@ -187,16 +191,37 @@ def printer(event: ev.Event) -> None:
 
 
 def serve(preset_path: str | Path, transport: Transport, overrides: list[str] | None = None,
-          run_dir: str | Path | None = None, sink=printer, control: RunControl | None = None) -> RunResult:
+          run_dir: str | Path | None = None, sink=printer, control: RunControl | None = None,
+          resume: bool = False) -> RunResult:
     """Run the preset with its clients behind ``transport``; the run directory is ``run_dir`` (made if missing)
-    or a new one under ``run.out_dir``. A bad preset raises ``PresetError`` before anything is written;
-    a failing run does not raise (its status says so), as ``engine.runner.run``."""
+    or a new one under ``run.out_dir``. ``resume``: continue ``run_dir`` from its last kept round; the preset
+    must be the one it ran. A bad preset raises ``PresetError`` before anything is written, a run directory
+    that cannot be continued ``FlowerError``; a failing run does not raise (its status says so), as
+    ``engine.runner.run``."""
     from engine.presets import load_preset
+    from engine.run_state import ResumeError
+    from engine.runner import reopen
 
     preset = load_preset(preset_path, list(overrides or []))
+    restored = None
+    if resume:
+        if not run_dir:
+            raise FlowerError("resume needs the run directory to continue")
+        run_dir = Path(run_dir)
+        try:
+            kept = (run_dir / "preset.toml").read_text(encoding="utf-8")
+        except OSError as error:
+            raise FlowerError(f"{run_dir}: no preset.toml to resume from ({error.strerror or error})") from None
+        if kept != to_toml(preset):
+            raise FlowerError(f"{run_dir}: the preset given is not the one this run ran (its preset.toml); "
+                              "resume with the same preset and overrides")
+        try:
+            restored = reopen(run_dir)
+        except ResumeError as error:
+            raise FlowerError(str(error)) from None
     run_dir = Path(run_dir) if run_dir else new_run_dir(preset.run.out_dir, preset.run.name)
     store = RunStore(run_dir)
-    session = FlowerSession(preset, store, sink or (lambda event: None), control or RunControl(), transport)
+    session = FlowerSession(preset, store, sink or (lambda event: None), control or RunControl(), transport, restored)
     try:
         return session.execute()
     finally:
