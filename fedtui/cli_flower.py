@@ -50,7 +50,7 @@ def _need_flower() -> None:
 
 @flower_app.command("local")
 def local(
-    preset: Path = typer.Argument(..., help="preset TOML file"),
+    preset: Optional[Path] = typer.Argument(None, help="preset TOML file"),
     clients: Optional[int] = typer.Option(
         None, "--clients", help="SuperNodes to start, one per client (default: the preset's clients; sets "
                                 "data.clients for iid and dirichlet partitions)"),
@@ -63,6 +63,9 @@ def local(
                                                                         "it drops out of that round"),
     wait_nodes: float = typer.Option(300.0, "--wait-nodes", help="seconds to wait for every SuperNode before round 1"),
     json_: bool = typer.Option(False, "--json", help="print one JSON event per line instead of progress"),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="continue a stopped, killed or failed `fedtui flower local` run directory from its "
+                               "last completed round (its own preset, keys and client state)"),
 ) -> None:
     """Run a preset over a SuperLink and K SuperNodes on this machine (Flower's deployment runtime)."""
     _need_flower()
@@ -71,18 +74,32 @@ def local(
     from engine.schema import PresetError
     from fedtui.headless import JsonPrinter, RichReporter
 
+    if resume is not None:
+        from engine.runstore import read_summary, run_status
+
+        if preset is not None or set_ or clients is not None or out is not None:
+            raise _exit_bad("--resume continues the run as it was: give no preset, --set, --clients or --out")
+        if not (resume / "flower" / "preset.toml").is_file():
+            raise _exit_bad(f"--resume {resume}: not a run directory of `fedtui flower local` (no flower/preset.toml)")
+        status = run_status(resume, read_summary(resume))
+        if status in ("completed", "running"):
+            raise _exit_bad(f"--resume {resume}: the run is {status}; nothing to resume")
+        preset, out = resume / "flower" / "preset.toml", resume
+    elif preset is None:
+        raise _exit_bad("give a preset file (fedtui flower local presets/quickstart.toml) or --resume RUN_DIR")
     try:
         plan_preset(preset, set_, clients)  # every problem before anything starts
     except (PresetError, FlowerError) as error:
         raise _exit_bad(str(error))
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if resume is None and out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise _exit_bad(f"--out {out} exists and is not an empty folder; nothing was started")
     reporter = JsonPrinter() if json_ else RichReporter()
     # SIGTERM (a kill, a CI timeout) ends this command like Ctrl-C: every Flower process is stopped first.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = run_local(preset, set_, clients, out, tls=not insecure, auth=not (insecure or no_auth),
-                           wait_s=wait_nodes, timeout_s=round_timeout, sink=reporter, log=_say)
+                           wait_s=wait_nodes, timeout_s=round_timeout, sink=reporter, log=_say,
+                           resume=resume is not None)
     except KeyboardInterrupt:
         reporter.close()
         err.print("[red]interrupted: every Flower process was stopped; the run directory's summary.json says "

@@ -491,6 +491,48 @@ def test_ctrl_c_stops_every_flower_process_and_the_summary_says_interrupted(tmp_
     assert_all_stopped(run_dir)
 
 
+@pytest.mark.slow
+def test_fedtui_flower_local_resume_continues_an_interrupted_run_to_the_in_process_numbers(tmp_path, feature_cache):
+    """Ctrl-C after round 1 of a TLS + node-auth deployment (fedadam, Adam's moments kept at the sites), then
+    `fedtui flower local --resume RUN_DIR`: fresh Flower processes, the run's own keys and certificates, and the
+    numbers of one uninterrupted in-process run."""
+    preset_path = write_preset(tmp_path, feature_cache)
+    overrides = RULES["fedadam"] + ["train.reset_optimizer_each_round=false"]
+    reference = in_process(preset_path, overrides)
+    run_dir = tmp_path / "flower-run"
+    sets = [a for o in overrides for a in ("--set", o)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = subprocess.Popen([sys.executable, "-m", "fedtui.cli", "flower", "local", str(preset_path), "--out",
+                                str(run_dir), "--wait-nodes", "120", "--round-timeout", "300", *sets], cwd=tmp_path,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        state = run_dir / "state" / "state.json"
+        while time.monotonic() < deadline and command.poll() is None and not state.exists():
+            time.sleep(0.2)
+        assert command.poll() is None, command.communicate()
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 130, err[-2000:]
+    assert json.loads(state.read_text())["round"] == 1
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert_all_stopped(run_dir)
+
+    done = fedtui("flower", "local", "--resume", run_dir, "--wait-nodes", "120", "--round-timeout", "300", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    assert "round   2 loss art_painting=" in done.stdout
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed"][0]["after_round"] == 1  # not run again
+    assert [e["round"] for e in events(run_dir, "RoundFinished")] == [0, 1, 2]
+    assert_same_numbers(run_dir, reference)
+    assert_a_run_directory_like_any_other(run_dir)
+    assert_all_stopped(run_dir)
+    done = fedtui("flower", "local", "--resume", run_dir, cwd=tmp_path)
+    assert done.returncode == 2 and "the run is completed; nothing to resume" in done.stderr
+
+
 # --- what the modules import ------------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ RUN_SET = "set"  # overrides, "key=value" separated by ";" (as --set)
 RUN_DIR = "run-dir"  # the run directory to fill; "" -> a new one under the preset's run.out_dir
 RUN_WAIT = "wait-nodes"  # seconds to wait for every client's SuperNode before round 1
 RUN_TIMEOUT = "round-timeout"  # seconds a round waits for its cohort's replies; a client later is dropped
+RUN_RESUME = "resume"  # true: continue run-dir from its last kept round (the preset must be the one it ran)
 
 # Keys of a SuperNode's node config (``flower-supernode --node-config``) and the preset keys they set: where
 # this site's things are and how its machine runs. Everything that shapes training comes from the server.

@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from engine.flower import (
-    PROTOCOL, RUN_DIR, RUN_PRESET, RUN_SET, RUN_TIMEOUT, RUN_WAIT, Answer, Dropped, FlowerError, RunInfo, client_name,
+    PROTOCOL, RUN_DIR, RUN_PRESET, RUN_RESUME, RUN_SET, RUN_TIMEOUT, RUN_WAIT, Answer, Dropped, FlowerError, RunInfo, client_name,
     split_overrides,
 )
 
@@ -269,7 +269,8 @@ def main(grid: Grid, context: Context) -> None:
     if not preset:
         raise FlowerError(f"the run config has no {RUN_PRESET!r}: flwr run APP --run-config \"preset='/path/to.toml'\"")
     transport = GridTransport(grid, float(config.get(RUN_WAIT, 300)), float(config.get(RUN_TIMEOUT, 3600)))
-    result = serve(preset, transport, split_overrides(str(config.get(RUN_SET, ""))), str(config.get(RUN_DIR, "")) or None)
+    result = serve(preset, transport, split_overrides(str(config.get(RUN_SET, ""))), str(config.get(RUN_DIR, "")) or None,
+                   resume=bool(config.get(RUN_RESUME, False)))
     print(f"run directory: {result.run_dir} ({result.status})", flush=True)
     if result.status != "completed":
         raise RuntimeError(f"the run ended {result.status}: {result.summary.get('error', '')}")

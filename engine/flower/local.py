@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from engine import events as ev
 from engine.flower import (
-    NODE_CLIENT, NODE_STATE_DIR, RUN_DIR, RUN_PRESET, RUN_TIMEOUT, RUN_WAIT, FlowerError,
+    NODE_CLIENT, NODE_STATE_DIR, RUN_DIR, RUN_PRESET, RUN_RESUME, RUN_TIMEOUT, RUN_WAIT, FlowerError,
 )
 
 Log = Callable[[str, str], None]
@@ -123,6 +123,18 @@ def make_tls(folder: Path, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "l
     return {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
 
 
+def _existing_tls(folder: Path) -> dict[str, Path] | None:
+    """A resumed run's certificates, when all three are still there (make_tls never overwrites them)."""
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    return files if all(path.is_file() for path in files.values()) else None
+
+
+def _existing_node_key(folder: Path, name: str) -> tuple[Path, Path] | None:
+    """A resumed run's SuperNode key pair, registered again with the new SuperLink."""
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    return (private, public) if private.is_file() and public.is_file() else None
+
+
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's authentication key pair, NIST P-384: NAME.key (OpenSSH private key, 0600, stays at the
     site: ``flower-supernode --auth-supernode-private-key``) and NAME.pub (OpenSSH public key, registered with
@@ -193,6 +205,7 @@ set = ""
 {RUN_DIR} = ""
 {RUN_WAIT} = {float(wait_s)!r}
 {RUN_TIMEOUT} = {float(timeout_s)!r}
+{RUN_RESUME} = false
 """, encoding="utf-8")
     return folder
 
@@ -476,17 +489,25 @@ def run_local(preset_path: Path, overrides: list[str] | None = None, clients: in
               run_dir: Path | None = None, tls: bool = True, auth: bool = True, wait_s: float = 300.0,
               timeout_s: float = 3600.0, sink: Callable[[ev.Event], None] | None = None, log: Log = _quiet,
               fleet_address: Callable[[int], str] | None = None, on_started: Callable[[LocalDeployment], None] | None = None,
-              ) -> LocalResult:
+              resume: bool = False) -> LocalResult:
     """Run the preset over a SuperLink and one SuperNode per client on loopback; every event of the run
     directory goes to ``sink`` as it is written. Raises PresetError / FlowerError for bad input (nothing
     started); a run that fails reports it in its status. ``fleet_address(port)`` lets a benchmark put
-    something between the SuperNodes and the SuperLink (a byte-counting relay)."""
+    something between the SuperNodes and the SuperLink (a byte-counting relay).
+
+    ``resume``: continue ``run_dir`` (a run this function started, stopped, killed or failed) from its last
+    kept round, with the preset it ran (``preset_path``, ``overrides`` and ``clients`` are not used), its
+    SuperNodes' keys and state folders, and fresh Flower processes; ``sink`` first sees the rounds it had."""
     from engine.presets import to_toml
     from engine.runstore import RunStore, new_run_dir, read_summary
     from engine.summary import RunSummary
 
     if auth and not tls:
         raise FlowerError("SuperNode authentication needs TLS (Flower refuses it over plain HTTP)")
+    if resume:
+        if run_dir is None or not (Path(run_dir) / "flower" / "preset.toml").is_file():
+            raise FlowerError(f"{run_dir}: not a run directory `fedtui flower local` made (no flower/preset.toml)")
+        preset_path, overrides, clients = Path(run_dir) / "flower" / "preset.toml", [], None
     preset, roster = plan_preset(Path(preset_path), list(overrides or []), clients)
     for tool in ("flower-superlink", "flower-supernode", "flwr"):
         _tool(tool)
@@ -494,12 +515,21 @@ def run_local(preset_path: Path, overrides: list[str] | None = None, clients: in
     run_dir.mkdir(parents=True, exist_ok=True)
     folder = run_dir / "flower"
     folder.mkdir(exist_ok=True)
-    (folder / "preset.toml").write_text(to_toml(preset), encoding="utf-8")
+    if resume:
+        from engine.run_state import ResumeError
+        from engine.runner import reopen
+
+        try:  # metrics.jsonl back to the last kept round before anything reads it; the ServerApp does it again
+            reopen(run_dir)
+        except ResumeError as error:
+            raise FlowerError(str(error)) from None
+    else:
+        (folder / "preset.toml").write_text(to_toml(preset), encoding="utf-8")
     app = write_app(folder / "app", wait_s, timeout_s)
     home = folder / "home"
     timings: dict[str, float] = {}
     began = time.perf_counter()
-    tls_files = make_tls(folder / "tls") if tls else None
+    tls_files = (_existing_tls(folder / "tls") or make_tls(folder / "tls")) if tls else None
     port = free_port()
     address = f"127.0.0.1:{port}"
     write_cli_config(home / "cli", address, tls_files["ca"] if tls_files else None)
@@ -524,7 +554,7 @@ def run_local(preset_path: Path, overrides: list[str] | None = None, clients: in
             keys = {}
             if auth:
                 for name in roster:
-                    keys[name] = make_node_key(folder / "keys", name)
+                    keys[name] = _existing_node_key(folder / "keys", name) or make_node_key(folder / "keys", name)
                     done = deployment.run_cli([_tool("flwr"), "supernode", "register", str(keys[name][1]), CONNECTION,
                                                "--name", name], home / "cli")
                     if done.returncode != 0:
@@ -542,7 +572,7 @@ def run_local(preset_path: Path, overrides: list[str] | None = None, clients: in
             if on_started:
                 on_started(deployment)
             run_config = {RUN_PRESET: str(folder / "preset.toml"), RUN_DIR: str(run_dir), RUN_WAIT: float(wait_s),
-                          RUN_TIMEOUT: float(timeout_s)}
+                          RUN_TIMEOUT: float(timeout_s), RUN_RESUME: resume}
             done = deployment.run_cli([_tool("flwr"), "run", str(app), CONNECTION, "--run-config",
                                        config_string(run_config), "--format", "json"], home / "cli")
             try:
