@@ -459,33 +459,43 @@ def test_a_supernode_killed_mid_run_is_reported_by_name_and_the_round_goes_on(tm
     assert [r.status for r in list_runs(run_dir.parent) if r.path == run_dir] == ["completed"]
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_every_flower_process_and_the_summary_says_interrupted(tmp_path, feature_cache):
-    preset_path = write_preset(tmp_path, feature_cache)
-    run_dir = tmp_path / "flower-run"
-    sets = [a for o in TWO + ["run.rounds=50"] for a in ("--set", o)]
+def ctrl_c_when(args: list, cwd: Path, ready, timeout: float = 400, while_running=lambda: None) -> tuple[int, str]:
+    """Start ``fedtui flower local ARGS``, wait until ``ready()``, call ``while_running()``, press Ctrl-C;
+    (exit code, stderr)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = subprocess.Popen([sys.executable, "-m", "fedtui.cli", "flower", "local", str(preset_path), "--insecure",
-                                "--out", str(run_dir), *sets], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = subprocess.Popen([sys.executable, "-m", "fedtui.cli", "flower", "local", *map(str, args)], cwd=cwd,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and command.poll() is None:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and '"RoundStarted"' in metrics.read_text():
-                break
-            time.sleep(0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and command.poll() is None and not ready():
+            time.sleep(0.2)
         assert command.poll() is None, command.communicate()
-        assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, ServerApp, SuperNodes, flwr log ...
-        from fedtui.app.runstore import replay
-
-        assert replay(run_dir).status == "running"  # the console follows it from its run directory
+        while_running()
         command.send_signal(signal.SIGINT)
-        out, err = command.communicate(timeout=60)
+        _, err = command.communicate(timeout=60)
     finally:
         if command.poll() is None:
             command.kill()
-    assert command.returncode == 130, err[-2000:]
+    return command.returncode, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_flower_process_and_the_summary_says_interrupted(tmp_path, feature_cache):
+    from fedtui.app.runstore import replay
+
+    preset_path = write_preset(tmp_path, feature_cache)
+    run_dir = tmp_path / "flower-run"
+    sets = [a for o in TWO + ["run.rounds=50"] for a in ("--set", o)]
+    metrics = run_dir / "metrics.jsonl"
+
+    def running() -> None:
+        assert len(flower_processes(run_dir)) >= 4  # SuperLink, SuperExec, ServerApp, SuperNodes, flwr log ...
+        assert replay(run_dir).status == "running"  # the console follows it from its run directory
+
+    code, err = ctrl_c_when([preset_path, "--insecure", "--out", run_dir, *sets], tmp_path,
+                            lambda: metrics.exists() and '"RoundStarted"' in metrics.read_text(), 300, running)
+    assert code == 130, err[-2000:]
     assert "every Flower process was stopped" in err
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert_all_stopped(run_dir)
@@ -501,22 +511,10 @@ def test_fedtui_flower_local_resume_continues_an_interrupted_run_to_the_in_proce
     reference = in_process(preset_path, overrides)
     run_dir = tmp_path / "flower-run"
     sets = [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = subprocess.Popen([sys.executable, "-m", "fedtui.cli", "flower", "local", str(preset_path), "--out",
-                                str(run_dir), "--wait-nodes", "120", "--round-timeout", "300", *sets], cwd=tmp_path,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        state = run_dir / "state" / "state.json"
-        while time.monotonic() < deadline and command.poll() is None and not state.exists():
-            time.sleep(0.2)
-        assert command.poll() is None, command.communicate()
-        command.send_signal(signal.SIGINT)
-        out, err = command.communicate(timeout=60)
-    finally:
-        if command.poll() is None:
-            command.kill()
-    assert command.returncode == 130, err[-2000:]
+    state = run_dir / "state" / "state.json"
+    code, err = ctrl_c_when([preset_path, "--out", run_dir, "--wait-nodes", "120", "--round-timeout", "300", *sets],
+                            tmp_path, state.exists)
+    assert code == 130, err[-2000:]
     assert json.loads(state.read_text())["round"] == 1
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     assert_all_stopped(run_dir)
