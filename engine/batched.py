@@ -3,10 +3,11 @@
 Each client's adapter parameters become one row of a stacked tensor ``[K, ...]``; a step runs the kind's
 ``stacked_forward`` (its layers as batched GEMMs over the rows), or, for a kind without one, its own
 ``forward`` under ``torch.vmap`` (``torch.func.functional_call`` with the row as the parameters; the same
-numbers with more dispatch: 0.6 ms of a 3.7 ms step at K = 4 for attai), takes the gradient of the sum of the clients' losses (client k's loss depends on row k only,
-so row k of the gradient is exactly its own gradient) and applies Adam to the stack. The sequential path
-(``engine.training.train_locally``, one client and one 32-row step at a time) spends ~2.7 ms a step in
-Python and dispatch for ~0.1 ms of arithmetic; here that overhead is paid once per step for the cohort.
+numbers with more dispatch: 0.6 ms of a 3.7 ms step at K = 4 for attai), takes the gradient of the sum of
+the clients' losses (client k's loss depends on row k only, so row k of the gradient is exactly its own
+gradient) and applies Adam to the stack. The sequential path (``engine.training.train_locally``, one
+client and one 32-row step at a time) spends ~2.7 ms a step in Python and dispatch for ~0.1 ms of
+arithmetic; here that overhead is paid once per step for the cohort.
 
 What stays each client's own, so the results equal the sequential path's:
 
