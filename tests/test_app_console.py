@@ -243,7 +243,11 @@ def test_burst_of_events_keeps_keys_responsive(tmp_path):
             print(f"events={app.state.events} longest drain tick={app.max_tick_seconds * 1000:.0f} ms "
                   f"key latency={key_latency * 1000:.0f} ms")
             assert app.state.events > 30_000
-            assert app.max_tick_seconds < 2.0  # generous: 2 shared cores; measured ~0.1-0.3 s
+            # What keeps keys responsive under a burst, checked without a clock: events are applied in batches
+            # (tens of thousands in a few ticks, not a redraw each), and a tick redraws the dashboard once.
+            print(f"ticks with events={app.ticks_with_events} dashboard refreshes={app.dashboard_refreshes}")
+            assert app.ticks_with_events * 100 < app.state.events
+            assert app.dashboard_refreshes * 100 < app.state.events  # one a tick, never one an event
             assert app.dashboard.query_one("#log").line_count <= 2000
 
     run(body())

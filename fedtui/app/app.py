@@ -64,7 +64,9 @@ class FedtuiApp(App):
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.run_preset = None
-        self.max_tick_seconds = 0.0  # longest drain tick, for the burst test
+        self.max_tick_seconds = 0.0  # longest drain tick (benchmarks and the burst test print it)
+        self.ticks_with_events = 0  # drain ticks that applied events; the dashboard redraws once per such tick
+        self.dashboard_refreshes = 0
         self.presets_screen = PresetsScreen(preset_sources or PresetSources(),
                                             Path(preset_path) if preset_path else None)
         self.dashboard = DashboardScreen(self.state, live=True, elapsed=self.elapsed)
@@ -236,6 +238,8 @@ class FedtuiApp(App):
                 self.ended_at = self.clock()
                 if isinstance(event, RunFailed):
                     failures.append(event)
+        if batch:
+            self.ticks_with_events += 1
         if batch or state.live:
             self._refresh_dashboard()
         for failure in failures:
@@ -244,6 +248,7 @@ class FedtuiApp(App):
         return len(batch)
 
     def _refresh_dashboard(self) -> None:
+        self.dashboard_refreshes += 1
         if self.screen is self.dashboard:
             with self.batch_update():
                 self.dashboard.refresh_view()
