@@ -148,7 +148,9 @@ def test_save_as_writes_a_preset_that_loads(tmp_path):
         async with app.run_test(size=(80, 24)) as pilot:
             await select_preset(pilot, "smoke")
             app.screen.query_one("#knob-train-local_epochs").value = "4"
-            await wait_for(pilot, lambda: app.presets_screen.current_preset()[0].train.local_epochs == 4)
+            # None while the edit is checked off the UI thread, then the checked preset
+            await wait_for(pilot, lambda: (preset := app.presets_screen.current_preset()[0]) is not None
+                           and preset.train.local_epochs == 4)
             await pilot.press("ctrl+s")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "SaveAsScreen")
             app.screen.query_one("#save-name").value = "mine"
