@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import time
 import zlib
@@ -108,15 +109,32 @@ def _connect(path: Path, schema: tuple[str, ...] = _SCHEMA) -> sqlite3.Connectio
     try:
         # The largest page: rows of any CLIP width (up to 1024 floats) sit whole in it, packed tight. New files only.
         db.execute("PRAGMA page_size=65536")
-        db.execute("PRAGMA journal_mode=WAL")  # a commit is one append; readers never block the writer
+        _while_locked(db, "PRAGMA journal_mode=WAL")  # a commit is one append; readers never block the writer
         db.execute("PRAGMA synchronous=NORMAL")  # safe against a killed process; power loss may drop the last commits
         db.execute("PRAGMA cell_size_check=ON")  # find a damaged page when it is read, not after building on it
         for statement in schema:
-            db.execute(statement)
+            _while_locked(db, statement)
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _while_locked(db: sqlite3.Connection, statement: str) -> None:
+    """Execute, retrying while another process holds the file. SQLite's busy timeout does not cover every
+    case: two processes creating one new cache file at once (two runs started together) can both ask to
+    switch it to WAL, and one gets "database is locked" at once rather than after a wait."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            db.execute(statement)
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause * (1 + random.random()))
+        pause = min(pause * 2, 0.5)
 
 
 class _Database:

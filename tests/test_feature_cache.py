@@ -263,3 +263,34 @@ def test_a_warm_image_folder_run_decodes_nothing_and_notices_a_replaced_file(tmp
     row, other_row = locations.index(target.resolve()), locations.index(other.resolve())
     assert torch.equal(third.features[row], first.features[other_row])
     assert not torch.equal(first.features[row], first.features[other_row])
+
+
+def _open_cache_file(path: str, barrier, errors) -> None:
+    barrier.wait()  # every process opens the same new file at the same moment
+    try:
+        features._connect(Path(path)).close()
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_creating_one_cache_file_at_once_all_open_it(tmp_path):
+    """Two runs started together both create models.sqlite and switch it to WAL; SQLite's busy timeout does
+    not cover that switch, so without a retry one of them failed at once ("database is locked": CI saw it in
+    the two-process test; here about 1 open in 30 failed before the fix)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    for trial in range(15):
+        barrier = context.Barrier(4)
+        path = str(tmp_path / f"models-{trial}.sqlite")
+        workers = [context.Process(target=_open_cache_file, args=(path, barrier, errors)) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+            assert worker.exitcode == 0
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
