@@ -531,6 +531,21 @@ def test_fedtui_flower_local_resume_continues_an_interrupted_run_to_the_in_proce
     assert done.returncode == 2 and "the run is completed; nothing to resume" in done.stderr
 
 
+def test_ports_for_flower_processes_are_free_distinct_and_below_the_ephemeral_range():
+    """Outgoing connections take their source ports from the ephemeral range; a port handed to a SuperNode
+    must not be one of those, or a connection may take it before the SuperNode binds it."""
+    import socket
+
+    from engine.flower.local import _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20 and all(1024 <= p < low for p in ports)
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+
+
 # --- what the modules import ------------------------------------------------------------------------------------
 
 

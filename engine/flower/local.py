@@ -32,6 +32,7 @@ import datetime
 import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -223,10 +224,40 @@ def write_cli_config(home: Path, address: str, ca: Path | None) -> Path:
 # --- processes -------------------------------------------------------------------------------------------------
 
 
+_TAKEN: set[int] = set()  # ports this process has handed out: each Flower process gets its own
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A loopback port to give a Flower process that binds it a few seconds later.
+
+    Not one the kernel picks for ``bind(0)``: those come from the ephemeral range, which outgoing connections
+    (every SuperNode polling the SuperLink, every ClientApp talking to its SuperNode) draw their source ports
+    from too, so one of them could take the port before the process binds it (a SuperNode then dies with
+    "Runtime HTTP API failed to start"). A port below that range, free now, is taken only by a deliberate bind."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _TAKEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # every one taken: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; macOS uses 49152-65535, below which this stays too
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
