@@ -16,13 +16,14 @@ What stays each client's own, so the results equal the sequential path's:
 - its schedule: clients with fewer rows run out of batches earlier. At step s the clients that still have a
   batch are grouped by batch size (the last batch of an epoch is shorter) and each group is one vmap call,
   so no batch is padded and the in-batch contrastive loss sees exactly the sequential batch;
-- its optimiser: ``StackedAdam`` is torch's single-tensor Adam (``torch.optim.adam._single_tensor_adam``, what
-  ``torch.optim.Adam`` runs on the CPU: L2 decay added to the gradient, lerp for the first moment, mul/addcmul
-  for the second, bias corrections from the client's own step count) done op for op on the stack's rows, so
-  every element sees the same float32 operations; only clients that had a batch at a step take it. Its state
-  goes in and out in ``torch.optim.Adam.state_dict()`` form, so both paths (and resume) share it. torch's
-  fused CPU Adam would be twice as fast again but is not bit-identical (it rounds the last division otherwise
-  for about one element in a thousand), so it is not used.
+- its optimiser: ``StackedAdam`` gives torch's single-tensor Adam's bits (``torch.optim.adam._single_tensor_adam``,
+  what ``torch.optim.Adam`` runs on the CPU: L2 decay added to the gradient, lerp for the first moment,
+  mul/addcmul for the second, bias corrections from the client's own step count) on the stack's rows, in
+  four passes over the stacks instead of eight (``StackedAdam._update`` says how); only clients that had a
+  batch at a step take it. Its state goes in and out in ``torch.optim.Adam.state_dict()`` form, so both paths
+  (and resume) share it. torch's fused CPU Adam alone would be faster still, but its exactly rounded square
+  root differs from ``torch.sqrt`` in the last bit for about one element in 150, and fed back through twenty
+  rounds that moves quickstart's accuracies by up to half a point, so it is not used for the step.
 
 Measured on the reference CPU (tests/test_speed_paths.py): trained parameters, optimiser moments and
 accuracies are bit for bit the sequential path's for every batchable kind, with FedProx's penalty and with
@@ -133,11 +134,9 @@ _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class StackedAdam:
     """torch Adam (L2-coupled decay, no amsgrad) on stacked parameters ``{name: [K, ...]}``, one step count per row.
 
-    The update is torch's single-tensor Adam, operation for operation; on the CPU it runs over pieces of
-    ``CHUNK`` floats so that the seven passes of one piece stay in the core's cache (a cohort's stack is tens
-    of MB; elementwise operations give the same bits on a piece as on the whole)."""
+    The update gives torch's single-tensor Adam's bits in four passes over the stacks (``_update``)."""
 
-    CHUNK = 1 << 16
+    BLOCK = 64  # a multiple of every vector width the fused kernel is built for (8 floats with AVX2, 16 with AVX-512)
 
     def __init__(self, params: State, train: TrainSection):
         self.params = params
@@ -208,31 +207,69 @@ class StackedAdam:
                 self._update(int(count), group, stack_rows)
 
     def _update(self, step: int, grads: State, rows: torch.Tensor | None) -> None:
+        """One Adam step at ``step`` for every stack (``rows`` None) or for the given rows.
+
+        Four passes over the stacks where torch's single-tensor Adam makes seven or eight. The moments come
+        from torch's fused CPU Adam run with lr = 0 (its decay, lerp and second moment are the single-tensor
+        operations, bit for bit; with lr = 0 it leaves the parameters as they were); the step itself is the
+        single-tensor code, because the fused kernel takes an exactly rounded square root where
+        ``torch.sqrt`` does not (about one element in 150 differs in its last bit) and that difference,
+        fed back through training, moves accuracies. tests/test_speed_paths.py holds the result to
+        ``torch.optim.Adam`` bit for bit."""
         bias_correction1 = 1 - self.beta1 ** float(step)
         bias_correction2 = 1 - self.beta2 ** float(step)
         step_size = self.lr / bias_correction1
         bias_correction2_sqrt = bias_correction2**0.5
-        for name, grad in grads.items():
-            stacks = (self.params[name], self.exp_avg[name], self.exp_avg_sq[name])
-            param, m, v = stacks if rows is None else (t.index_select(0, rows) for t in stacks)
-            per_row = max(param[0].numel(), 1)
-            # Whole clients per piece: a gradient may come transposed (a linear layer's weight under vmap), and a
-            # row range of it is still a plain strided view, where a flat range would need a copy first.
-            step_rows = max(1, self.CHUNK // per_row) if param.device.type == "cpu" else len(param)
-            scratch = torch.empty_like(param[:step_rows])  # the stack's memory layout (see ``adopt_layout``)
-            denom = torch.empty_like(scratch)
-            for start in range(0, len(param), step_rows):
-                p, g, m_, v_ = (t[start : start + step_rows] for t in (param, grad, m, v))
-                n = len(p)
-                # The gradient, plus the L2 decay, into a contiguous buffer: torch's ``grad.add(param, alpha=wd)``.
-                g = torch.add(g, p, alpha=self.decay, out=scratch[:n]) if self.decay != 0 else scratch[:n].copy_(g)
-                m_.lerp_(g, 1 - self.beta1)
-                v_.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                d = torch.sqrt(v_, out=denom[:n]).div_(bias_correction2_sqrt).add_(self.eps)
-                p.addcdiv_(m_, d, value=-step_size)
-            if rows is not None:
-                for stack, updated in zip(stacks, (param, m, v)):
-                    stack.index_copy_(0, rows, updated)
+        names = list(grads)
+        if rows is None:
+            params, exp_avgs, exp_avg_sqs = ([stacks[n] for n in names] for stacks in (self.params, self.exp_avg, self.exp_avg_sq))
+        else:
+            params, exp_avgs, exp_avg_sqs = ([stacks[n].index_select(0, rows) for n in names]
+                                             for stacks in (self.params, self.exp_avg, self.exp_avg_sq))
+        # The fused kernel walks each tensor's memory front to back, so all four are handed over as flat views in
+        # the parameter's memory order (a stack may lie transposed: ``adopt_layout``).
+        flat = [_flat_in_memory_order(p, grads[n], m, v) for n, p, m, v in zip(names, params, exp_avgs, exp_avg_sqs)]
+        p_flat, g_flat, m_flat, v_flat = (list(t) for t in zip(*flat))
+        # Its scalar remainder loop (the last n mod 8 elements) rounds differently from its vector body: it gets
+        # whole blocks of BLOCK elements, and the few left over take torch's own ops.
+        body = [len(t) - len(t) % self.BLOCK for t in p_flat]
+        cut = lambda tensors, tail: [t[n:] if tail else t[:n] for t, n in zip(tensors, body)]
+        counts = [torch.tensor(float(step))] * len(names)
+        torch._fused_adam_(cut(p_flat, False), cut(g_flat, False), cut(m_flat, False), cut(v_flat, False), [], counts,
+                           lr=0.0, beta1=self.beta1, beta2=self.beta2, weight_decay=self.decay, eps=self.eps,
+                           amsgrad=False, maximize=False)
+        tails = [i for i, t in enumerate(p_flat) if len(t) > body[i]]
+        if tails:
+            p_tail, g_tail, m_tail, v_tail = ([cut(t, True)[i] for i in tails] for t in (p_flat, g_flat, m_flat, v_flat))
+            if self.decay != 0:
+                g_tail = torch._foreach_add(g_tail, p_tail, alpha=self.decay)
+            torch._foreach_lerp_(m_tail, g_tail, 1 - self.beta1)
+            torch._foreach_mul_(v_tail, self.beta2)
+            torch._foreach_addcmul_(v_tail, g_tail, g_tail, value=1 - self.beta2)
+        denom = torch._foreach_sqrt(v_flat)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(p_flat, m_flat, denom, value=-step_size)
+        if rows is not None:
+            for stacks, updated in ((self.params, params), (self.exp_avg, exp_avgs), (self.exp_avg_sq, exp_avg_sqs)):
+                for name, tensor in zip(names, updated):
+                    stacks[name].index_copy_(0, rows, tensor)
+
+
+def _flat_in_memory_order(param: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> list[torch.Tensor]:
+    """1-d views of ``param``, ``grad`` and the optimiser ``state`` tensors, element i of each the same entry,
+    in ``param``'s memory order. ``param`` and ``state`` are updated in place, so they must share one dense
+    layout (``StackedAdam`` keeps them so); a gradient laid out otherwise is first copied into it."""
+    order = sorted(range(param.dim()), key=lambda i: -param.stride(i))
+    views = []
+    for tensor in (param, *state):
+        permuted = tensor.permute(order)
+        if not permuted.is_contiguous() or tensor.stride() != param.stride():
+            raise ValueError(f"Adam state of shape {tuple(tensor.shape)} is not laid out like its parameter")
+        views.append(permuted.view(-1))
+    permuted = grad.permute(order)
+    views.insert(1, (permuted if permuted.is_contiguous() else permuted.contiguous()).view(-1))
+    return views
 
 
 def adam_param_groups(train: TrainSection, count: int) -> list[dict[str, Any]]:

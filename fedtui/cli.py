@@ -292,11 +292,48 @@ def _open_console(preset: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``fedtui`` and ``fedtui PRESET.toml`` open the console; everything else is a subcommand."""
+    """Entry point: ``fedtui`` and ``fedtui PRESET.toml`` open the console; everything else is a subcommand.
+
+    Run as the program (``argv`` None), it ends with ``leave``: the interpreter's teardown is skipped."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (len(argv) == 1 and argv[0].endswith(".toml")):
-        sys.exit(_open_console(Path(argv[0]) if argv else None))
-    cli(argv, prog_name="fedtui")
+    try:
+        if not argv or (len(argv) == 1 and argv[0].endswith(".toml")):
+            sys.exit(_open_console(Path(argv[0]) if argv else None))
+        cli(argv, prog_name="fedtui")
+    except SystemExit as ending:
+        if not as_program:
+            raise
+        leave(ending.code)
+    if as_program:
+        leave(EXIT_OK)
+
+
+def leave(code) -> None:
+    """Exit the process as Python's own shutdown would, less its teardown of modules and objects.
+
+    Threads are waited for, ``atexit`` handlers run (trackers, logging) and the standard streams are flushed,
+    in that order, as at a normal exit; then ``os._exit``. With torch loaded the skipped teardown costs
+    ~0.2 s and raises the process's peak memory by ~130 MB (tearing down its modules touches pages it had
+    left alone) for nothing: every file a command writes is complete and fsynced before it returns."""
+    import atexit
+    import os
+    import threading
+
+    if isinstance(code, bool) or not isinstance(code, int):
+        if code is not None:  # sys.exit("message"): the message on stderr, exit 1, as Python does
+            print(code, file=sys.stderr)
+        code = EXIT_OK if code is None else EXIT_FAILED
+    shutdown = getattr(threading, "_shutdown", None)  # joins non-daemon threads; runs executors' exit hooks
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 from fedtui.cli_extra import register as _register_extra  # noqa: E402  (schema, report, serve)

@@ -72,3 +72,25 @@ def test_presets_lists_shipped_presets_with_descriptions():
     assert result.exit_code == 0
     assert "quickstart" in result.output and "Offline FedCLIP demo" in result.output
     assert "fedclip-pacs" in result.output
+
+
+@pytest.mark.parametrize("code, expected", [(3, 3), (None, 0), ("a message", 1)])
+def test_leaving_the_program_waits_for_threads_runs_exit_handlers_and_flushes(code, expected):
+    """``fedtui`` run as the program skips Python's teardown (``leave``), but not what a normal exit does first:
+    non-daemon threads finish, atexit handlers (trackers, logging) run, buffered output is written."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from fedtui.cli import leave
+        atexit.register(lambda: print("atexit ran", flush=True))
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
+        sys.stdout.write("buffered ")
+        leave({code!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == expected, done.stderr
+    assert done.stdout.index("buffered") < done.stdout.index("thread done") < done.stdout.index("atexit ran")
+    assert ("a message" in done.stderr) == (code == "a message")
