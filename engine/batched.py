@@ -148,6 +148,7 @@ class StackedAdam:
         rows = next(iter(params.values())).shape[0] if params else 0
         self.steps = np.zeros(rows, dtype=np.int64)
         self.started = np.zeros(rows, dtype=bool)  # has state, as torch's Adam after its first step or a load
+        self._flat: dict[str, _FlatStack] | None = None  # flat views of the whole stacks (``_whole_stacks``)
 
     def load(self, row: int, names: list[str], saved: dict[Any, dict[str, torch.Tensor]]) -> None:
         """Row ``row``'s moments from ``torch.optim.Adam.state_dict()["state"]`` (index i: ``names[i]``)."""
@@ -183,6 +184,8 @@ class StackedAdam:
             for stacks in (self.params, self.exp_avg, self.exp_avg_sq):
                 stacks[name] = in_layout(stacks[name], order)
             changed[name] = order
+        if changed:
+            self._flat = None
         return changed
 
     @torch.no_grad()
@@ -192,6 +195,9 @@ class StackedAdam:
         self.started[rows] = True
         counts = self.steps[rows]
         everyone = len(rows) == len(self.steps) and rows == list(range(len(self.steps)))
+        if everyone and counts.min() == counts.max():  # the common case: the whole cohort, in step
+            self._update(int(counts[0]), grads, None)
+            return
         for count in np.unique(counts):
             picked = np.flatnonzero(counts == count)
             if len(picked) == len(rows) and everyone:
@@ -222,25 +228,22 @@ class StackedAdam:
         bias_correction2_sqrt = bias_correction2**0.5
         names = list(grads)
         if rows is None:
-            params, exp_avgs, exp_avg_sqs = ([stacks[n] for n in names] for stacks in (self.params, self.exp_avg, self.exp_avg_sq))
+            stacks = self._whole_stacks(names)
         else:
-            params, exp_avgs, exp_avg_sqs = ([stacks[n].index_select(0, rows) for n in names]
-                                             for stacks in (self.params, self.exp_avg, self.exp_avg_sq))
-        # The fused kernel walks each tensor's memory front to back, so all four are handed over as flat views in
-        # the parameter's memory order (a stack may lie transposed: ``adopt_layout``).
-        flat = [_flat_in_memory_order(p, grads[n], m, v) for n, p, m, v in zip(names, params, exp_avgs, exp_avg_sqs)]
-        p_flat, g_flat, m_flat, v_flat = (list(t) for t in zip(*flat))
-        # Its scalar remainder loop (the last n mod 8 elements) rounds differently from its vector body: it gets
-        # whole blocks of BLOCK elements, and the few left over take torch's own ops.
-        body = [len(t) - len(t) % self.BLOCK for t in p_flat]
-        cut = lambda tensors, tail: [t[n:] if tail else t[:n] for t, n in zip(tensors, body)]
-        counts = [torch.tensor(float(step))] * len(names)
-        torch._fused_adam_(cut(p_flat, False), cut(g_flat, False), cut(m_flat, False), cut(v_flat, False), [], counts,
-                           lr=0.0, beta1=self.beta1, beta2=self.beta2, weight_decay=self.decay, eps=self.eps,
-                           amsgrad=False, maximize=False)
-        tails = [i for i, t in enumerate(p_flat) if len(t) > body[i]]
+            picked = [(self.params[n].index_select(0, rows), self.exp_avg[n].index_select(0, rows),
+                       self.exp_avg_sq[n].index_select(0, rows)) for n in names]
+            stacks = [_FlatStack.of(*tensors, self.BLOCK) for tensors in picked]
+        g_flat = [stack.flat_gradient(grads[n]) for n, stack in zip(names, stacks)]
+        p_flat, m_flat, v_flat = ([getattr(stack, slot) for stack in stacks] for slot in ("param", "exp_avg", "exp_avg_sq"))
+        # The fused kernel's scalar remainder loop (the last n mod 8 elements) rounds differently from its vector
+        # body: it gets whole blocks of BLOCK elements, and the few left over take torch's own ops.
+        body = lambda tensors: [t[: stack.body] for t, stack in zip(tensors, stacks)]
+        torch._fused_adam_(body(p_flat), body(g_flat), body(m_flat), body(v_flat), [],
+                           [torch.tensor(float(step))] * len(names), lr=0.0, beta1=self.beta1, beta2=self.beta2,
+                           weight_decay=self.decay, eps=self.eps, amsgrad=False, maximize=False)
+        tails = [i for i, stack in enumerate(stacks) if stack.body < len(stack.param)]
         if tails:
-            p_tail, g_tail, m_tail, v_tail = ([cut(t, True)[i] for i in tails] for t in (p_flat, g_flat, m_flat, v_flat))
+            p_tail, g_tail, m_tail, v_tail = ([t[i][stacks[i].body :] for i in tails] for t in (p_flat, g_flat, m_flat, v_flat))
             if self.decay != 0:
                 g_tail = torch._foreach_add(g_tail, p_tail, alpha=self.decay)
             torch._foreach_lerp_(m_tail, g_tail, 1 - self.beta1)
@@ -251,25 +254,44 @@ class StackedAdam:
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(p_flat, m_flat, denom, value=-step_size)
         if rows is not None:
-            for stacks, updated in ((self.params, params), (self.exp_avg, exp_avgs), (self.exp_avg_sq, exp_avg_sqs)):
-                for name, tensor in zip(names, updated):
-                    stacks[name].index_copy_(0, rows, tensor)
+            for name, (param, exp_avg, exp_avg_sq) in zip(names, picked):
+                self.params[name].index_copy_(0, rows, param)
+                self.exp_avg[name].index_copy_(0, rows, exp_avg)
+                self.exp_avg_sq[name].index_copy_(0, rows, exp_avg_sq)
+
+    def _whole_stacks(self, names: list[str]) -> list[_FlatStack]:
+        """Flat views of the whole stacks, made once (``adopt_layout`` replaces the stacks and drops them)."""
+        if self._flat is None or list(self._flat) != names:
+            self._flat = {n: _FlatStack.of(self.params[n], self.exp_avg[n], self.exp_avg_sq[n], self.BLOCK) for n in names}
+        return list(self._flat.values())
 
 
-def _flat_in_memory_order(param: torch.Tensor, grad: torch.Tensor, *state: torch.Tensor) -> list[torch.Tensor]:
-    """1-d views of ``param``, ``grad`` and the optimiser ``state`` tensors, element i of each the same entry,
-    in ``param``'s memory order. ``param`` and ``state`` are updated in place, so they must share one dense
-    layout (``StackedAdam`` keeps them so); a gradient laid out otherwise is first copied into it."""
-    order = sorted(range(param.dim()), key=lambda i: -param.stride(i))
-    views = []
-    for tensor in (param, *state):
-        permuted = tensor.permute(order)
-        if not permuted.is_contiguous() or tensor.stride() != param.stride():
-            raise ValueError(f"Adam state of shape {tuple(tensor.shape)} is not laid out like its parameter")
-        views.append(permuted.view(-1))
-    permuted = grad.permute(order)
-    views.insert(1, (permuted if permuted.is_contiguous() else permuted.contiguous()).view(-1))
-    return views
+@dataclass
+class _FlatStack:
+    """A parameter stack and its two moments as 1-d views in the parameter's memory order (element i of each the
+    same entry), for an update that walks memory front to back; ``body``: the length in whole BLOCKs."""
+
+    order: list[int]
+    param: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    body: int
+
+    @classmethod
+    def of(cls, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, block: int) -> _FlatStack:
+        order = sorted(range(param.dim()), key=lambda i: -param.stride(i))
+        views = []
+        for tensor in (param, exp_avg, exp_avg_sq):  # updated in place: views, never copies
+            permuted = tensor.permute(order)
+            if not permuted.is_contiguous() or tensor.stride() != param.stride():
+                raise ValueError(f"Adam state of shape {tuple(tensor.shape)} is not laid out like its parameter")
+            views.append(permuted.view(-1))
+        return cls(order, *views, param.numel() - param.numel() % block)
+
+    def flat_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as a 1-d view in the same order (copied into it if it lies otherwise)."""
+        permuted = grad.permute(self.order)
+        return (permuted if permuted.is_contiguous() else permuted.contiguous()).view(-1)
 
 
 def adam_param_groups(train: TrainSection, count: int) -> list[dict[str, Any]]:
@@ -406,8 +428,8 @@ def train_cohort(
             x = x.reshape(len(members), size, *x.shape[1:])
             device = x.device
             own = [jobs[k].labels for k in members]
-            if all(t is None for t in own):
-                y = labels[rows]
+            if all(t is None for t in own):  # index_select: indexing with a NumPy array takes a slower path
+                y = labels.index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(labels.device))
             else:
                 y = torch.cat([(labels if t is None else t)[schedules[k][s]] for k, t in zip(members, own)])
             y = y.to(device).reshape(len(members), size)
