@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedtui-installed
 
-.PHONY: install demo test console clean-venv
+.PHONY: install bytecode demo test console clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,15 +13,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,report,serve,files,flower,tensorboard,mlflow,wandb]'
 	touch $(STAMP)
 
+# Bytecode for the source tree, as pip writes it for an installed package: a run then skips compiling ~90
+# modules (60 ms of every start) even where PYTHONDONTWRITEBYTECODE is set. Up to date, it takes 40 ms.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q engine fedtui
+
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: bytecode
 	$(VENV)/bin/fedtui run presets/quickstart.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-console: $(STAMP)
+console: bytecode
 	$(VENV)/bin/fedtui presets/quickstart.toml
 
 clean-venv:

@@ -103,10 +103,8 @@ class Evaluator:
     """
 
     def __init__(self, adapter: Adapter, zero_shot_head: torch.nn.Module, clients, holdout: dict[str, np.ndarray],
-                 inputs, zero_shot_inputs, labels: torch.Tensor, scale: float, checkpoint: Callable[[], None],
-                 rows_per_pass: int = 1024):
+                 inputs, zero_shot_inputs, labels: torch.Tensor, scale: float, checkpoint: Callable[[], None]):
         self.adapter, self.zero_shot_head = adapter, zero_shot_head
-        self.rows_per_pass = rows_per_pass  # the federation passes more when its inputs are cached features
         self.clients, self.holdout = clients, holdout
         self.inputs, self.zero_shot_inputs = inputs, zero_shot_inputs
         self.labels, self.scale, self.checkpoint = labels, scale, checkpoint
@@ -153,7 +151,7 @@ class Evaluator:
         """Accuracy on each row set (NaN for an empty one) from one pass over the rows of all of them."""
         wanted = [np.asarray(rows, dtype=np.int64) for rows in sets.values()]
         union = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, dtype=np.int64)
-        predicted = predictions(model, inputs, union, self.scale, self.rows_per_pass, self.checkpoint)
+        predicted = predictions(model, inputs, union, self.scale, checkpoint=self.checkpoint)
         hits = np.zeros(int(union.max()) + 1 if len(union) else 0, dtype=bool)
         hits[union] = predicted == self.labels.numpy()[union]
         return {key: (int(hits[rows].sum()) / len(rows) if len(rows) else float("nan")) for key, rows in zip(sets, wanted)}

@@ -123,9 +123,6 @@ class Federation:
         self.evaluator = Evaluator(
             adapter, ZeroShotHead(data.text_features).to(device), self.clients, data.holdout,
             self.inputs, lambda rows: data.features[rows], data.labels, self.scale, control.checkpoint,
-            # Feature rows are small (d floats): 8192 a pass takes a third fewer calls than 1024 for a few MB,
-            # and gives the same logits bit for bit (tests/test_speed_paths.py). Images stay at 1024.
-            rows_per_pass=8192 if data.pixels is None else 1024,
         )
 
     @property

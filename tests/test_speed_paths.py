@@ -593,24 +593,6 @@ def test_stacked_adam_is_torch_adam_bit_for_bit_on_any_shapes():
     check()
 
 
-@pytest.mark.parametrize("kind", ["attai", "clip_adapter", "linear_head"])
-def test_evaluating_8192_feature_rows_a_pass_gives_the_logits_of_1024(kind):
-    """The federation evaluates cached features 8192 rows a pass (images 1024): each row's logits are the same
-    bits either way, so every accuracy is too."""
-    from engine.evaluation import predictions
-
-    torch.manual_seed(0)
-    adapter = build_adapter(kind, context()).eval()
-    features = torch.randn(20_000, D, generator=torch.Generator().manual_seed(3)) * 3
-    rows = np.arange(len(features))
-    with torch.no_grad():
-        logits = {size: torch.cat([adapter(features[rows[s : s + size]]).logits(100.0)
-                                   for s in range(0, len(rows), size)]) for size in (1024, 8192)}
-    assert torch.equal(logits[1024], logits[8192])
-    inputs = lambda r: features[r]
-    assert np.array_equal(predictions(adapter, inputs, rows, 100.0, 1024), predictions(adapter, inputs, rows, 100.0, 8192))
-
-
 def test_freed_memory_stays_with_the_process_on_glibc():
     """engine/allocator.py: where the C library is glibc the thresholds are raised (once); elsewhere nothing."""
     import platform
@@ -620,3 +602,15 @@ def test_freed_memory_stays_with_the_process_on_glibc():
     first = keep_freed_memory()
     assert keep_freed_memory() is first
     assert first == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_finite_rows_names_the_clients_with_inf_or_nan_and_not_those_whose_sum_merely_overflows():
+    from engine.batched import _finite_rows
+
+    stacks = {"w": torch.zeros(4, 3, 5).transpose(1, 2), "b": torch.zeros(4, 3)}
+    assert _finite_rows(stacks, 4) == [True] * 4
+    stacks["w"][2, 1, 1] = float("inf")
+    stacks["b"][0, 2] = float("nan")
+    assert _finite_rows(stacks, 4) == [False, True, False, True]
+    huge = {"w": torch.full((3, 8), 3e38)}  # every entry finite, the sum overflows
+    assert _finite_rows(huge, 3) == [True] * 3
