@@ -249,9 +249,13 @@ class StackedAdam:
             torch._foreach_lerp_(m_tail, g_tail, 1 - self.beta1)
             torch._foreach_mul_(v_tail, self.beta2)
             torch._foreach_addcmul_(v_tail, g_tail, g_tail, value=1 - self.beta2)
-        denom = torch._foreach_sqrt(v_flat)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, self.eps)
+        # denom = sqrt(v) / bias_correction2_sqrt + eps, torch's two passes after the root as one: addcdiv
+        # computes eps + (1 * root) / bias_correction2_sqrt, the same two roundings.
+        roots = torch._foreach_sqrt(v_flat)
+        eps, divisor = (torch.tensor(value, dtype=v_flat[0].dtype, device=v_flat[0].device)
+                        for value in (self.eps, bias_correction2_sqrt))
+        denom = torch._foreach_addcdiv([eps.expand_as(r) for r in roots], roots, [divisor.expand_as(r) for r in roots])
+        del roots
         torch._foreach_addcdiv_(p_flat, m_flat, denom, value=-step_size)
         if rows is not None:
             for name, (param, exp_avg, exp_avg_sq) in zip(names, picked):

@@ -18,6 +18,7 @@ the client, ``decode`` on the server and depends only on the payload and the ten
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, ClassVar
@@ -56,17 +57,22 @@ def serialized_nbytes(tensors: State) -> int:
     and their digits, follow that order): ``{"<name>":{"dtype":"F32","shape":[d0,d1],"data_offsets":[a,b]},...}``.
     With one dtype the order is by name alone (Rust compares the UTF-8 bytes); JSON escapes match Python's
     ``json.dumps(ensure_ascii=False)``. Mixed or unusual dtypes take the real serialisation's length. Tested
-    equal to ``len(serialize(...))`` (tests/test_speed_paths.py)."""
-    dtypes = {v.dtype for v in tensors.values()}
+    equal to ``len(serialize(...))`` (tests/test_speed_paths.py). The length depends on names, dtypes and shapes
+    only, so it is remembered for each such signature: a round's clients all send the same one."""
+    return _nbytes_of(tuple((name, value.dtype, tuple(value.shape)) for name, value in tensors.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _nbytes_of(signature: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> int:
+    dtypes = {dtype for _, dtype, _ in signature}
     if len(dtypes) > 1 or not dtypes <= _SAFETENSORS_DTYPES.keys():
-        return len(serialize(tensors))
+        return len(serialize({name: torch.zeros(shape, dtype=dtype) for name, dtype, shape in signature}))
     parts, offset = [], 0
-    for name in sorted(tensors, key=lambda n: n.encode("utf-8", "surrogatepass")):
-        value = tensors[name]
-        size = value.numel() * value.element_size()
-        shape = ",".join(str(d) for d in value.shape)
-        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{_SAFETENSORS_DTYPES[value.dtype]}",'
-                     f'"shape":[{shape}],"data_offsets":[{offset},{offset + size}]}}')
+    for name, dtype, shape in sorted(signature, key=lambda entry: entry[0].encode("utf-8", "surrogatepass")):
+        size = math.prod(shape) * dtype.itemsize
+        dims = ",".join(str(d) for d in shape)
+        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{_SAFETENSORS_DTYPES[dtype]}",'
+                     f'"shape":[{dims}],"data_offsets":[{offset},{offset + size}]}}')
         offset += size
     header = len(("{" + ",".join(parts) + "}").encode("utf-8", "surrogatepass"))
     return 8 + header + (-header) % 8 + offset
