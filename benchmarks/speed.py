@@ -235,14 +235,27 @@ def crossover(repeats: int) -> list[tuple[int, float, float]]:
 # --- 3. start-up -----------------------------------------------------------------------------------------------
 
 
+# Runs the command and reports on it from a small, fresh Python: a child's ru_maxrss includes the memory of the
+# process that spawned it (Linux records the parent's high-water mark when the child execs), so a child of
+# this benchmark, which holds torch and the round tables by then, would report this process's peak, not its own.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+print(json.dumps([time.perf_counter() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024,
+                  os.waitstatus_to_exitcode(status)]))
+"""
+
+
 def timed_process(args: list[str], env: dict) -> tuple[float, float, int, int]:
     """(wall seconds, CPU seconds, peak RSS in MB, exit code) of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, process.returncode
+    import json
+
+    report = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, check=True)
+    wall, cpu, peak, code = json.loads(report.stdout)
+    return wall, cpu, peak, code
 
 
 def start_up(repeats: int) -> dict:
