@@ -108,10 +108,16 @@ def run(
 
     from engine.control import RunControl
     from engine.runner import run as run_engine
-    from fedtui.headless import JsonPrinter, RichReporter
+    from fedtui.headless import ClosedOutputGuard, JsonPrinter, RichReporter
 
-    reporter = JsonPrinter() if json_ else RichReporter()
     control = RunControl()
+
+    def output_closed() -> None:
+        err.print(f"[yellow]stdout was closed (broken pipe): stopping after the current batch; "
+                  f"fedtui run --resume {escape(str(out))} continues[/]", soft_wrap=True)
+        control.stop()
+
+    reporter = ClosedOutputGuard(JsonPrinter() if json_ else RichReporter(), output_closed)
 
     def graceful_stop(signum, frame):
         err.print("\n[yellow]stopping after the current batch (Ctrl-C again to abort)...[/]")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from rich import box
 from rich.console import Console
@@ -40,11 +42,56 @@ class JsonPrinter:
         pass
 
 
+class ClosedOutputGuard:
+    """A reporter on stdout until its reader goes away (``fedtui run --json | head``): then ``on_closed`` runs
+    once (the command asks the run to stop after the current batch, as Ctrl-C does, so the run directory keeps
+    every completed round and can be resumed), stdout is pointed at /dev/null so that nothing else writing to
+    it fails, and later events are dropped. Without it the broken pipe ended the run as failed, blaming the
+    run directory."""
+
+    def __init__(self, reporter, on_closed: Callable[[], None]):
+        self.reporter, self.on_closed = reporter, on_closed
+        self.closed = False
+
+    def __call__(self, event: ev.Event) -> None:
+        if not self.closed:
+            try:
+                self.reporter(event)
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.reporter.close()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor behind sys.stdout (a test's capture): nothing to redirect
+            pass
+        self.on_closed()
+
+
+class _StdoutConsole(Console):
+    """Rich's own answer to a closed stdout is SystemExit(1) from inside whatever was printing; here it is the
+    BrokenPipeError itself, which ``ClosedOutputGuard`` turns into a graceful stop."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "stdout was closed")
+
+
 class RichReporter:
     """A progress bar over rounds, one line per round, and the final summary table."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=False, highlight=False)
+        self.console = console or _StdoutConsole(stderr=False, highlight=False)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

@@ -170,3 +170,30 @@ def test_runs_started_in_the_same_second_each_claim_their_own_folder(tmp_path):
         folders = list(pool.map(lambda _: new_run_dir(tmp_path / "runs", "same", now=0.0), range(16)))
     assert len(set(folders)) == 16
     assert all(folder.is_dir() and folder.parent == tmp_path / "runs" for folder in folders)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "rich"])
+def test_a_reader_closing_stdout_stops_the_run_gracefully_and_it_resumes(tiny_preset_file, tmp_path, json_output):
+    """``fedtui run ... | head -1``: the closed pipe stops the run after the current batch as Ctrl-C does (exit
+    130, summary "stopped", one line on stderr saying so and how to continue), instead of failing it with an
+    error that blamed the run directory; ``--resume`` then completes it."""
+    out = tmp_path / "piped-run"
+    command = [sys.executable, "-m", "fedtui.cli", "run", str(tiny_preset_file), "--out", str(out),
+               "--set", "run.rounds=60", *(["--json"] if json_output else [])]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()  # the reader goes away, as head does after its line
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 130, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stdout was closed (broken pipe)" in stderr and f"--resume {out}" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["rounds_completed"] < 60
+    resumed = subprocess.run([sys.executable, "-m", "fedtui.cli", "run", "--resume", str(out)], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
