@@ -186,7 +186,7 @@ def sweep(
     from engine.runner import run as run_engine
     from engine.runstore import new_run_dir
     from engine.sweep import run_sweep
-    from fedtui.headless import SweepReporter, lodo_table, paired_table, sweep_table
+    from fedtui.headless import ClosedOutputGuard, SweepReporter, lodo_table, paired_table, sweep_table
 
     control = RunControl()
     out_root = plan[0].preset.run.out_dir
@@ -196,6 +196,20 @@ def sweep(
     except OSError as error:
         raise _bad_input(f"cannot create the sweep folder under run.out_dir {out_root!r}: {error.strerror or error}")
     reporter = SweepReporter(len(plan))
+
+    def output_closed() -> None:
+        err.print(f"[yellow]stdout was closed (broken pipe): stopping the sweep (a run in progress stops after its "
+                  f"current batch); {escape(str(out_dir))} keeps its finished runs and tables[/]", soft_wrap=True)
+        control.stop()
+
+    guards: list = []
+
+    def guarded_sink(label: str):
+        """Each run's sink on stdout, stopping the sweep once its reader has gone (and telling so once)."""
+        guard = ClosedOutputGuard(reporter.sink_for(label), output_closed)
+        guard.closed = any(g.closed for g in guards)
+        guards.append(guard)
+        return guard
 
     def run_tracked(preset, sink, control, run_dir=None):
         """One run of the sweep with its own tracker runs, ended before the next starts (MLflow and W&B
@@ -208,11 +222,14 @@ def sweep(
 
     previous = signal.signal(signal.SIGINT, lambda signum, frame: control.stop())
     try:
-        result = run_sweep(plan, out_dir, run_tracked if log else run_engine, reporter.sink_for, control,
+        result = run_sweep(plan, out_dir, run_tracked if log else run_engine, guarded_sink, control,
                            baseline=baseline_label)
     finally:
         signal.signal(signal.SIGINT, previous)
-        reporter.close()
+        try:
+            reporter.close()
+        except BrokenPipeError:  # the reader went away at the very end: the tables are in out_dir all the same
+            output_closed()
     console = Console(highlight=False)
     console.print(sweep_table(result.summary, seed_list))
     if seed_list is not None and len(seed_list) > 1 and len(points) > 1:

@@ -78,7 +78,7 @@ class ClosedOutputGuard:
         self.on_closed()
 
 
-class _StdoutConsole(Console):
+class StdoutConsole(Console):
     """Rich's own answer to a closed stdout is SystemExit(1) from inside whatever was printing; here it is the
     BrokenPipeError itself, which ``ClosedOutputGuard`` turns into a graceful stop."""
 
@@ -91,7 +91,7 @@ class RichReporter:
     """A progress bar over rounds, one line per round, and the final summary table."""
 
     def __init__(self, console: Console | None = None):
-        self.console = console or _StdoutConsole(stderr=False, highlight=False)
+        self.console = console or StdoutConsole(stderr=False, highlight=False)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -214,7 +214,7 @@ class SweepReporter:
     """One progress bar over the sweep's runs and one over the current run's rounds."""
 
     def __init__(self, points: int, console: Console | None = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or StdoutConsole(highlight=False)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self.console,

@@ -189,3 +189,28 @@ def test_sweep_over_seeds_writes_runs_and_the_summary(tiny_preset_file, tmp_path
     assert float(summary_rows[0]["test_diff"]) == pytest.approx((mine[0] - theirs[0] + mine[1] - theirs[1]) / 2)
     assert len((folder / "sweep-summary.jsonl").read_text().splitlines()) == 2
     assert "mean±sd over seeds 0,2" in result.output and "difference to aggregation=fedavg" in result.output
+
+
+@pytest.mark.slow
+def test_a_reader_closing_stdout_stops_the_sweep_and_keeps_its_tables(tiny_preset_file, tmp_path):
+    """``fedtui sweep ... | head -1``: no run starts after the reader has gone; exit 130, one line on stderr, and
+    the sweep folder's table holds the runs that ran (before, Rich's SystemExit(1) cut the sweep off mid-run)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "fedtui.cli", "sweep", str(tiny_preset_file), "--vary",
+               "train.lr=0.01,0.02,0.03,0.04", "--set", "run.rounds=1"]
+    proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert b"completed" in proc.stdout.readline()  # the first run's line
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 130, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stdout was closed (broken pipe): stopping the sweep" in stderr
+    (table,) = (tmp_path / "runs").glob("*-sweep-tiny/sweep.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert 1 <= len(rows) < 4 and rows[0]["status"] == "completed"
