@@ -324,6 +324,36 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     return _build(data)[0]
 
 
+def read_event_line(raw: bytes, complete: bool = True) -> tuple[Event | None, list[tuple[str, bool]]]:
+    """One line of a metrics.jsonl as ``read_events`` reads it: its event (None when the line is skipped) and
+    what is to be said about it, as (message, skipped) pairs. A line without its newline (``complete``
+    False: torn by a crash mid-write) that is not UTF-8 or not JSON is skipped without a word."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [(f"not UTF-8 text (byte {exc.start + 1})", True)] if complete else []
+    if not text.strip():
+        return None, []
+    try:
+        data = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError
+        detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+        return None, [(f"not JSON ({detail})", True)] if complete else []
+    except Exception as exc:  # e.g. RecursionError on absurdly nested input: damaged, not fatal
+        return None, [(f"not JSON ({type(exc).__name__})", True)]
+    try:
+        event, notes = _build(data)
+    except UnreadableEvent as exc:
+        return None, [(str(exc), True)]
+    except Exception as exc:  # never raise for a damaged file
+        return None, [(f"could not be read ({type(exc).__name__}: {exc})", True)]
+    said = []
+    if isinstance(event, RunStarted) and event.schema > SCHEMA_VERSION:
+        said.append((f"written with event schema {event.schema}, newer than this reader's {SCHEMA_VERSION}: "
+                     "read what could be read", False))
+    return event, said + [(note, False) for note in notes]
+
+
 def read_events(path, *, warnings: list[ReadWarning] | None = None) -> list[Event]:
     """Every readable event of a run's metrics.jsonl, in order.
 
@@ -333,45 +363,13 @@ def read_events(path, *, warnings: list[ReadWarning] | None = None) -> list[Even
     """
     events: list[Event] = []
     found: dict[tuple[str, bool], list[int]] = {}
-
-    def warn(number: int, message: str, skipped: bool) -> None:
-        found.setdefault((message, skipped), []).append(number)
-
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            complete = raw.endswith(b"\n")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                if complete:
-                    warn(number, f"not UTF-8 text (byte {exc.start + 1})", True)
-                continue
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except ValueError as exc:  # json.JSONDecodeError
-                if complete:
-                    detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
-                    warn(number, f"not JSON ({detail})", True)
-                continue
-            except Exception as exc:  # e.g. RecursionError on absurdly nested input: damaged, not fatal
-                warn(number, f"not JSON ({type(exc).__name__})", True)
-                continue
-            try:
-                event, notes = _build(data)
-            except UnreadableEvent as exc:
-                warn(number, str(exc), True)
-                continue
-            except Exception as exc:  # never raise for a damaged file
-                warn(number, f"could not be read ({type(exc).__name__}: {exc})", True)
-                continue
-            if isinstance(event, RunStarted) and event.schema > SCHEMA_VERSION:
-                warn(number, f"written with event schema {event.schema}, newer than this reader's "
-                             f"{SCHEMA_VERSION}: read what could be read", False)
-            for note in notes:
-                warn(number, note, False)
-            events.append(event)
+            event, said = read_event_line(raw, complete=raw.endswith(b"\n"))
+            for message, skipped in said:
+                found.setdefault((message, skipped), []).append(number)
+            if event is not None:
+                events.append(event)
     if warnings is not None:
         warnings.extend(sorted((ReadWarning(tuple(lines), message, skipped)
                                 for (message, skipped), lines in found.items()), key=lambda w: w.lines))
@@ -411,6 +409,7 @@ __all__ = [
     "UnreadableEvent",
     "describe_read_warnings",
     "event_from_dict",
+    "read_event_line",
     "event_to_dict",
     "event_to_json",
     "read_events",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from engine.events import (
     RunFinished,
     RunStarted,
     describe_read_warnings,
-    event_from_dict,
+    read_event_line,
     read_events,
 )
 
@@ -120,15 +119,14 @@ class RunFollower:
             new = b""
         whole = new[: new.rfind(b"\n") + 1]  # a line still being written waits for the next poll
         self.offset += len(whole)
-        for raw in whole.splitlines():
+        for raw in whole.splitlines(keepends=True):
             self.line += 1
-            if not raw.strip():
-                continue
-            try:
-                self.state.apply(event_from_dict(json.loads(raw.decode("utf-8"))))
-            except Exception as error:  # noqa: BLE001 - a damaged line is reported, never fatal
-                self.state.apply(Log(level="warning", text=f"metrics.jsonl line {self.line} skipped: {error}",
+            event, said = read_event_line(raw)  # as a finished run's replay reads it; never raises
+            for message in (message for message, skipped in said if skipped):
+                self.state.apply(Log(level="warning", text=f"metrics.jsonl line {self.line} skipped: {message}",
                                      time=self.state.last_event_time or 0.0))
+            if event is not None:
+                self.state.apply(event)
         changed = bool(whole)
         if self.following and not whole:
             status = engine_runstore.run_status(self.path, engine_runstore.read_summary(self.path))
