@@ -198,19 +198,16 @@ class StackedAdam:
         if everyone and counts.min() == counts.max():  # the common case: the whole cohort, in step
             self._update(int(counts[0]), grads, None)
             return
-        for count in np.unique(counts):
+        device = next(iter(grads.values())).device
+        for count in np.unique(counts):  # a part of the cohort, or clients at different step counts
             picked = np.flatnonzero(counts == count)
-            if len(picked) == len(rows) and everyone:
-                self._update(int(count), grads, None)
+            stack_rows = torch.as_tensor([rows[i] for i in picked], device=device)
+            if len(picked) == len(rows):
+                group = grads
             else:
-                device = next(iter(grads.values())).device
-                stack_rows = torch.as_tensor([rows[i] for i in picked], device=device)
-                if len(picked) == len(rows):
-                    group = grads
-                else:
-                    picked_rows = torch.as_tensor(picked, device=device)
-                    group = {n: g.index_select(0, picked_rows) for n, g in grads.items()}
-                self._update(int(count), group, stack_rows)
+                picked_rows = torch.as_tensor(picked, device=device)
+                group = {n: g.index_select(0, picked_rows) for n, g in grads.items()}
+            self._update(int(count), group, stack_rows)
 
     def _update(self, step: int, grads: State, rows: torch.Tensor | None) -> None:
         """One Adam step at ``step`` for every stack (``rows`` None) or for the given rows.
@@ -386,8 +383,8 @@ def _finite_rows(stacks: State, rows: int) -> list[bool]:
     (a non-finite entry, or finite ones overflowing) is settled row by row."""
     if all(bool(torch.isfinite(stack.sum())) for stack in stacks.values()):
         return [True] * rows
-    per_stack = [torch.isfinite(stack).reshape(rows, -1).all(1) for stack in stacks.values()]
-    return torch.stack(per_stack).all(0).tolist() if per_stack else [True] * rows
+    per_stack = [torch.isfinite(stack).reshape(rows, -1).all(1) for stack in stacks.values()]  # not empty here
+    return torch.stack(per_stack).all(0).tolist()
 
 
 def batch_schedule(rows: np.ndarray, batch: int, epochs: int, generator: torch.Generator) -> list[np.ndarray]:
