@@ -202,14 +202,7 @@ def sweep(
                   f"current batch); {escape(str(out_dir))} keeps its finished runs and tables[/]", soft_wrap=True)
         control.stop()
 
-    guards: list = []
-
-    def guarded_sink(label: str):
-        """Each run's sink on stdout, stopping the sweep once its reader has gone (and telling so once)."""
-        guard = ClosedOutputGuard(reporter.sink_for(label), output_closed)
-        guard.closed = any(g.closed for g in guards)
-        guards.append(guard)
-        return guard
+    guard = ClosedOutputGuard(reporter, output_closed)  # every run's sink writes to the one stdout
 
     def run_tracked(preset, sink, control, run_dir=None):
         """One run of the sweep with its own tracker runs, ended before the next starts (MLflow and W&B
@@ -222,14 +215,11 @@ def sweep(
 
     previous = signal.signal(signal.SIGINT, lambda signum, frame: control.stop())
     try:
-        result = run_sweep(plan, out_dir, run_tracked if log else run_engine, guarded_sink, control,
-                           baseline=baseline_label)
+        result = run_sweep(plan, out_dir, run_tracked if log else run_engine,
+                           lambda label: guard.sink(reporter.sink_for(label)), control, baseline=baseline_label)
     finally:
         signal.signal(signal.SIGINT, previous)
-        try:
-            reporter.close()
-        except BrokenPipeError:  # the reader went away at the very end: the tables are in out_dir all the same
-            output_closed()
+        guard.close()
     console = Console(highlight=False)
     console.print(sweep_table(result.summary, seed_list))
     if seed_list is not None and len(seed_list) > 1 and len(points) > 1:

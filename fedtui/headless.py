@@ -54,16 +54,25 @@ class ClosedOutputGuard:
         self.closed = False
 
     def __call__(self, event: ev.Event) -> None:
-        if not self.closed:
-            try:
-                self.reporter(event)
-            except BrokenPipeError:
-                self._reader_gone()
+        self._write(self.reporter, event)
+
+    def sink(self, write: Callable[[ev.Event], None]) -> Callable[[ev.Event], None]:
+        """Another writer to the same stdout (a sweep's sink for one of its runs), guarded with this one."""
+        return lambda event: self._write(write, event)
 
     def close(self) -> None:
+        """The reporter's own close (its progress display stopped), also after the reader has gone: stdout is
+        /dev/null by then."""
+        try:
+            self.reporter.close()
+        except BrokenPipeError:
+            if not self.closed:
+                self._reader_gone()
+
+    def _write(self, write, event) -> None:
         if not self.closed:
             try:
-                self.reporter.close()
+                write(event)
             except BrokenPipeError:
                 self._reader_gone()
 
