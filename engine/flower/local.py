@@ -116,24 +116,32 @@ def make_tls(folder: Path, hosts: list[str] | tuple[str, ...] = ("127.0.0.1", "l
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(folder / "server.key", key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
+    files = _tls_files(folder)
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(files["key"], key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return files
+
+
+def _tls_files(folder: Path) -> dict[str, Path]:
     return {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
 
 
+def _node_key_files(folder: Path, name: str) -> tuple[Path, Path]:
+    return folder / f"{name}.key", folder / f"{name}.pub"
+
+
 def _existing_tls(folder: Path) -> dict[str, Path] | None:
-    """A resumed run's certificates, when all three are still there (make_tls never overwrites them)."""
-    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    """A resumed run's certificates, when all three are still there (a resume uses them, not new ones)."""
+    files = _tls_files(folder)
     return files if all(path.is_file() for path in files.values()) else None
 
 
 def _existing_node_key(folder: Path, name: str) -> tuple[Path, Path] | None:
     """A resumed run's SuperNode key pair, registered again with the new SuperLink."""
-    private, public = folder / f"{name}.key", folder / f"{name}.pub"
-    return (private, public) if private.is_file() and public.is_file() else None
+    files = _node_key_files(folder, name)
+    return files if all(path.is_file() for path in files) else None
 
 
 def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
@@ -144,7 +152,7 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     folder = Path(folder)
-    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    private, public = _node_key_files(folder, name)
     if private.exists() or public.exists():
         raise FileExistsError(f"{private} or {public} exists; a key is never overwritten")
     key = ec.generate_private_key(ec.SECP384R1())
