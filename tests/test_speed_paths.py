@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import engine.adapters  # noqa: F401  (registers the kinds)
-from engine.adapters.base import AdapterContext, build_adapter
+from engine.adapters.base import ADAPTERS, AdapterContext, build_adapter
 from engine.batched import BATCHABLE, Job, adam_param_groups, choose_batched, train_cohort
 from engine.compression import serialize, serialized_nbytes
 from engine.presets import TrainSection
@@ -77,8 +77,13 @@ def assert_same_optimizer_state(sequential: dict, batched: dict, exact: bool) ->
             assert_same(value, batched["state"][index][slot], exact, (index, slot))
 
 
-@pytest.mark.parametrize("forward", ["stacked", "vmap"])
-@pytest.mark.parametrize("kind", sorted(BATCHABLE))
+# How a batched step gets its gradients: a kind's hand-written backward (engine.stacked_backward), autograd
+# through its stacked forward, or autograd through its forward under vmap (a kind with neither).
+STEP_PATHS = [(kind, path) for kind in sorted(BATCHABLE) for path in ("by_hand", "stacked", "vmap")
+              if path != "by_hand" or ADAPTERS[kind].has_stacked_backward()]
+
+
+@pytest.mark.parametrize("kind, forward", STEP_PATHS)
 @pytest.mark.parametrize("loss", ["contrastive", "ce"])
 @pytest.mark.parametrize("rule", ["mean", "fedprox"])
 def test_batched_training_equals_one_client_at_a_time(kind, loss, rule, forward, monkeypatch):
@@ -91,6 +96,8 @@ def test_batched_training_equals_one_client_at_a_time(kind, loss, rule, forward,
     torch.manual_seed(0)
     adapter = build_adapter(kind, context())
     assert type(adapter).has_stacked_forward(), f"{kind} batches but has no stacked_forward"
+    if forward != "by_hand":  # autograd's step, as for a kind without a hand-written backward
+        monkeypatch.setattr(type(adapter), "has_stacked_backward", classmethod(lambda cls: False))
     if forward == "vmap":  # the path a kind without its own stacked forward takes
         monkeypatch.setattr(type(adapter), "has_stacked_forward", classmethod(lambda cls: False))
     strategy = build_strategy(rule)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter, stacked_linear
+from engine.stacked_backward import Backward, normalize_with_backward, stacked_linear_backward
 
 
 @register_adapter
@@ -34,3 +35,23 @@ class AttentionAdapter(Adapter):
         scores = stacked_linear(hidden, params["attention.2.weight"], params["attention.2.bias"])
         adapted = torch.softmax(scores, dim=2) * features
         return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text.expand(len(features), *self.text.shape))
+
+    def stacked_backward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> tuple[ClassScores, Backward]:
+        """``stacked_forward`` without a graph, and the function taking the image's gradient to the parameters'
+        (engine.stacked_backward: autograd's kernels in autograd's order, so autograd's bits)."""
+        w1, b1 = params["attention.0.weight"], params["attention.0.bias"]
+        w2, b2 = params["attention.2.weight"], params["attention.2.bias"]
+        hidden = torch.tanh(stacked_linear(features, w1, b1))
+        attention = torch.softmax(stacked_linear(hidden, w2, b2), dim=2)
+        image, normalize_backward = normalize_with_backward(attention * features)
+
+        def backward(grad_image: torch.Tensor) -> dict[str, torch.Tensor]:
+            grad_attention = normalize_backward(grad_image) * features
+            grad_scores = torch._softmax_backward_data(grad_attention, attention, 2, attention.dtype)
+            grad_hidden, grad_w2, grad_b2 = stacked_linear_backward(hidden, w2, grad_scores, bias=True, input_grad=True)
+            grad_before_tanh = torch.ops.aten.tanh_backward(grad_hidden, hidden)
+            _, grad_w1, grad_b1 = stacked_linear_backward(features, w1, grad_before_tanh, bias=True, input_grad=False)
+            return {"attention.0.weight": grad_w1, "attention.0.bias": grad_b1,
+                    "attention.2.weight": grad_w2, "attention.2.bias": grad_b2}
+
+        return ClassScores(image=image, classes=self.text.expand(len(features), *self.text.shape)), backward

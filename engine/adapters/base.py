@@ -74,6 +74,17 @@ class Adapter(nn.Module):
     def has_stacked_forward(cls) -> bool:
         return cls.stacked_forward is not Adapter.stacked_forward
 
+    def stacked_backward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor):
+        """``stacked_forward`` run without autograd's graph, and the function taking the gradient of the loss
+        with respect to the image features ``[G, B, d]`` to the gradients of ``params``. Optional: where a kind
+        has one, a batched step skips autograd (engine.stacked_backward); it must give autograd's bits
+        (tests/test_stacked_backward.py)."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_stacked_backward(cls) -> bool:
+        return cls.stacked_backward is not Adapter.stacked_backward
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The tensors a client sends: every parameter that trains, detached and cloned."""
         return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
