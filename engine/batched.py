@@ -252,7 +252,9 @@ class StackedAdam:
             torch._foreach_addcmul_(v_tail, g_tail, g_tail, value=1 - self.beta2)
         # (One addcdiv, eps + root / bias_correction2_sqrt, rounds the same as the division and the addition, but
         # with its two scalars broadcast it measured slower than the two in-place passes.)
-        denom = torch._foreach_sqrt(v_flat)
+        denom = [stack.denominator() for stack in stacks]  # kept per stack: no 8 MB allocation a step at K = 64
+        for root, second_moment in zip(denom, v_flat):
+            torch.sqrt(second_moment, out=root)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(p_flat, m_flat, denom, value=-step_size)
@@ -279,6 +281,13 @@ class _FlatStack:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     body: int
+    _denominator: torch.Tensor | None = None
+
+    def denominator(self) -> torch.Tensor:
+        """Room for the step's denominator, as long as the flat stack; the same tensor every step."""
+        if self._denominator is None:
+            self._denominator = torch.empty_like(self.exp_avg_sq)
+        return self._denominator
 
     @classmethod
     def of(cls, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, block: int) -> _FlatStack:
