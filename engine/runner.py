@@ -29,7 +29,7 @@ from engine.control import RunControl, RunStopped
 from engine.federation import Federation, RunDiverged, sample_cohort, seeded_generator
 from engine.prepare import prepare
 from engine.presets import Preset, to_toml
-from engine.run_state import ResumeError, load_round_state, save_round_state
+from engine.run_state import ResumeError, RoundStateWriter, load_round_state, serialize_tensors, write_round_state
 from engine.runstore import RunStore, new_run_dir
 from engine.strategies import build_strategy
 from engine.summary import RunSummary
@@ -102,6 +102,7 @@ class RunSession:
         # A resumed run's summary counts the earlier sessions' time up to the round it resumes after.
         self.earlier_seconds = float(restored.info.get("elapsed_seconds", 0.0)) if restored is not None else 0.0
         self.manifest: dict[str, Any] = {}
+        self.state_writer = RoundStateWriter()
         self.fold = RunSummary(store.dir.name, preset.run.name, preset.run.rounds, preset.eval.selection)
         # A resumed run's earlier events are in metrics.jsonl already: fold them in, do not write them again.
         self.replaying = restored is not None
@@ -284,7 +285,15 @@ class RunSession:
                 encoded=data.encoded, cached=data.cached, seconds=data.encode_seconds, feature_dim=data.features.shape[1]
             )
         )
-        federation.run(rounds, self.restore(federation, rounds), lambda round_: self.keep_round(federation, round_))
+        self.play_rounds(federation, rounds, self.restore(federation, rounds))
+
+    def play_rounds(self, federation, rounds: int, first_round: int) -> None:
+        """``federation.run`` with each round kept (``keep_round``); however the rounds end, the last round's
+        state is on the disk before the run says how it ended."""
+        try:
+            federation.run(rounds, first_round, lambda round_: self.keep_round(federation, round_))
+        finally:
+            self.state_writer.close()
 
     def restore(self, federation, rounds: int) -> int:
         """A resumed run's federation back where its last kept round left it; the round to play next."""
@@ -299,7 +308,9 @@ class RunSession:
         """After each round: what the next one depends on (``state/``), and a heartbeat that says the run lives."""
         tensors, info = federation.state()
         info["elapsed_seconds"] = round(self.elapsed(), 3)
-        save_round_state(self.store.dir, round_, tensors, info, self.store.sync_metrics())
+        blob, metrics_bytes = serialize_tensors(tensors), self.store.metrics_length()
+        self.state_writer.submit(lambda: write_round_state(self.store.dir, round_, blob, info, metrics_bytes,
+                                                           before=self.store.sync_metrics))
         self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
 
 

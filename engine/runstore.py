@@ -91,10 +91,12 @@ class RunStore:
     def read_json(self, name: str) -> Any:
         return json.loads((self.dir / name).read_text(encoding="utf-8"))
 
-    def sync_metrics(self) -> int:
-        """metrics.jsonl on the disk up to here, and its length: a round's state names that length, and a
-        resumed run cuts the file back to it."""
+    def sync_metrics(self) -> None:
+        """metrics.jsonl on the disk, at least as far as a round's state says it reaches (``metrics_length``)."""
         os.fsync(self._metrics.fileno())
+
+    def metrics_length(self) -> int:
+        """metrics.jsonl's length now: a round's state names it, and a resumed run cuts the file back to it."""
         return self._metrics.tell()
 
     def append_event(self, event: Event) -> None:

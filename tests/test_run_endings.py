@@ -135,6 +135,30 @@ def test_run_on_a_full_disk_fails_with_one_message_and_no_temp_files(tiny_preset
     assert ev.read_events(result.run_dir / "metrics.jsonl")[-1] == failed[0]
 
 
+def test_a_full_disk_under_the_round_state_fails_the_run_and_keeps_the_last_whole_state(tiny_preset_file, monkeypatch):
+    """The round state is written on a thread of its own (engine.run_state.RoundStateWriter): a disk that fills
+    during round 2's write still fails the run with one line naming the file, and round 1's state stays whole."""
+    from engine import run_state
+
+    preset = load_preset(tiny_preset_file)
+    real = run_state.write_atomic
+
+    def fills_at_round_two(path, data, durable=False):
+        if path.name == "state.json" and json.loads(data)["round"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data, durable)
+
+    monkeypatch.setattr(run_state, "write_atomic", fills_at_round_two)
+    seen: list = []
+    result = run(preset, seen.append)
+    assert result.status == "failed"
+    failed = [e for e in seen if isinstance(e, ev.RunFailed)]
+    assert len(failed) == 1 and "\n" not in failed[0].error
+    assert "No space left on device" in failed[0].error and "state.json" in failed[0].error
+    kept = run_state.load_round_state(result.run_dir)
+    assert kept is not None and kept.round == 1
+
+
 @pytest.mark.slow
 def test_a_run_killed_with_sigkill_shows_as_killed(tiny_preset_file, tmp_path):
     out = tmp_path / "killed-run"

@@ -176,7 +176,7 @@ class FlowerSession(RunSession):
         # The clients' own state (Adam's moments, personal layers, top-k residuals) is kept at each site round by
         # round, and their random streams are replayed from the seed: the server's side is all a resume needs.
         first_round = self.restore(federation, side.rounds)
-        federation.run(side.rounds, first_round, lambda round_: self.keep_round(federation, round_))
+        self.play_rounds(federation, side.rounds, first_round)
 
 
 def printer(event: ev.Event) -> None:
