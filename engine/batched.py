@@ -151,7 +151,8 @@ class StackedAdam:
         rows = next(iter(params.values())).shape[0] if params else 0
         self.steps = np.zeros(rows, dtype=np.int64)
         self.started = np.zeros(rows, dtype=bool)  # has state, as torch's Adam after its first step or a load
-        self._flat: dict[str, _FlatStack] | None = None  # flat views of the whole stacks (``_whole_stacks``)
+        self._flat: _UpdatePlan | None = None  # flat views of the whole stacks (``_whole_stacks``)
+        self._flat_names: list[str] = []
 
     def load(self, row: int, names: list[str], saved: dict[Any, dict[str, torch.Tensor]]) -> None:
         """Row ``row``'s moments from ``torch.optim.Adam.state_dict()["state"]`` (index i: ``names[i]``)."""
@@ -193,14 +194,19 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self, rows: list[int], grads: State) -> None:
-        """One Adam step for the clients in ``rows``; ``grads[name]`` is ``[len(rows), ...]`` in that order."""
-        self.steps[rows] += 1
-        self.started[rows] = True
-        counts = self.steps[rows]
-        everyone = len(rows) == len(self.steps) and rows == list(range(len(self.steps)))
-        if everyone and counts.min() == counts.max():  # the common case: the whole cohort, in step
-            self._update(int(counts[0]), grads, None)
-            return
+        """One Adam step for the clients in ``rows`` (distinct, increasing); ``grads[name]`` is ``[len(rows), ...]``
+        in that order."""
+        if len(rows) == len(self.steps):  # the whole cohort: rows is 0 .. K-1
+            self.steps += 1
+            self.started[:] = True
+            counts = self.steps
+            if counts.min() == counts.max():  # the common case: the whole cohort, in step
+                self._update(int(counts[0]), grads, None)
+                return
+        else:
+            self.steps[rows] += 1
+            self.started[rows] = True
+            counts = self.steps[rows]
         device = next(iter(grads.values())).device
         for count in np.unique(counts):  # a part of the cohort, or clients at different step counts
             picked = np.flatnonzero(counts == count)
@@ -229,20 +235,21 @@ class StackedAdam:
         bias_correction2_sqrt = bias_correction2**0.5
         names = list(grads)
         if rows is None:
-            stacks = self._whole_stacks(names)
+            plan = self._whole_stacks(names)
         else:
             picked = [(self.params[n].index_select(0, rows), self.exp_avg[n].index_select(0, rows),
                        self.exp_avg_sq[n].index_select(0, rows)) for n in names]
-            stacks = [_FlatStack.of(*tensors, self.BLOCK) for tensors in picked]
+            plan = _UpdatePlan([_FlatStack.of(*tensors, self.BLOCK) for tensors in picked])
+        stacks = plan.stacks
         g_flat = [stack.flat_gradient(grads[n]) for n, stack in zip(names, stacks)]
-        p_flat, m_flat, v_flat = ([getattr(stack, slot) for stack in stacks] for slot in ("param", "exp_avg", "exp_avg_sq"))
+        p_flat, m_flat, v_flat = plan.param, plan.exp_avg, plan.exp_avg_sq
         # The fused kernel's scalar remainder loop (the last n mod 8 elements) rounds differently from its vector
         # body: it gets whole blocks of BLOCK elements, and the few left over take torch's own ops.
-        body = lambda tensors: [t[: stack.body] for t, stack in zip(tensors, stacks)]
-        torch._fused_adam_(body(p_flat), body(g_flat), body(m_flat), body(v_flat), [],
-                           [torch.tensor(float(step))] * len(names), lr=0.0, beta1=self.beta1, beta2=self.beta2,
-                           weight_decay=self.decay, eps=self.eps, amsgrad=False, maximize=False)
-        tails = [i for i, stack in enumerate(stacks) if stack.body < len(stack.param)]
+        step_counts = [torch.tensor(float(step))] * len(names)  # read, never changed, by the kernel
+        torch._fused_adam_(plan.param_body, [g[: stack.body] for g, stack in zip(g_flat, stacks)], plan.exp_avg_body,
+                           plan.exp_avg_sq_body, [], step_counts, lr=0.0, beta1=self.beta1,
+                           beta2=self.beta2, weight_decay=self.decay, eps=self.eps, amsgrad=False, maximize=False)
+        tails = plan.tails
         if tails:
             p_tail, g_tail, m_tail, v_tail = ([t[i][stacks[i].body :] for i in tails] for t in (p_flat, g_flat, m_flat, v_flat))
             if self.decay != 0:
@@ -252,7 +259,7 @@ class StackedAdam:
             torch._foreach_addcmul_(v_tail, g_tail, g_tail, value=1 - self.beta2)
         # (One addcdiv, eps + root / bias_correction2_sqrt, rounds the same as the division and the addition, but
         # with its two scalars broadcast it measured slower than the two in-place passes.)
-        denom = [stack.denominator() for stack in stacks]  # kept per stack: no 8 MB allocation a step at K = 64
+        denom = plan.denominators()  # kept per stack: no 8 MB allocation a step at K = 64
         for root, second_moment in zip(denom, v_flat):
             torch.sqrt(second_moment, out=root)
         torch._foreach_div_(denom, bias_correction2_sqrt)
@@ -264,11 +271,33 @@ class StackedAdam:
                 self.exp_avg[name].index_copy_(0, rows, exp_avg)
                 self.exp_avg_sq[name].index_copy_(0, rows, exp_avg_sq)
 
-    def _whole_stacks(self, names: list[str]) -> list[_FlatStack]:
+    def _whole_stacks(self, names: list[str]) -> _UpdatePlan:
         """Flat views of the whole stacks, made once (``adopt_layout`` replaces the stacks and drops them)."""
-        if self._flat is None or list(self._flat) != names:
-            self._flat = {n: _FlatStack.of(self.params[n], self.exp_avg[n], self.exp_avg_sq[n], self.BLOCK) for n in names}
-        return list(self._flat.values())
+        if self._flat is None or self._flat_names != names:
+            self._flat_names = names
+            self._flat = _UpdatePlan([_FlatStack.of(self.params[n], self.exp_avg[n], self.exp_avg_sq[n], self.BLOCK)
+                                      for n in names])
+        return self._flat
+
+
+class _UpdatePlan:
+    """The lists ``StackedAdam._update`` hands to torch for a set of flat stacks, built once per set: the whole
+    stacks, the parts of them in whole BLOCKs (the fused kernel's), the stacks with a remainder, the
+    denominators' room."""
+
+    def __init__(self, stacks: list[_FlatStack]):
+        self.stacks = stacks
+        self.param, self.exp_avg, self.exp_avg_sq = ([getattr(s, slot) for s in stacks]
+                                                     for slot in ("param", "exp_avg", "exp_avg_sq"))
+        self.param_body, self.exp_avg_body, self.exp_avg_sq_body = ([t[: s.body] for t, s in zip(tensors, stacks)]
+                                                                    for tensors in (self.param, self.exp_avg, self.exp_avg_sq))
+        self.tails = [i for i, s in enumerate(stacks) if s.body < s.param.shape[0]]
+        self._denominators: list[torch.Tensor] | None = None
+
+    def denominators(self) -> list[torch.Tensor]:
+        if self._denominators is None:
+            self._denominators = [torch.empty_like(s.exp_avg_sq) for s in self.stacks]
+        return self._denominators
 
 
 @dataclass
@@ -281,13 +310,6 @@ class _FlatStack:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     body: int
-    _denominator: torch.Tensor | None = None
-
-    def denominator(self) -> torch.Tensor:
-        """Room for the step's denominator, as long as the flat stack; the same tensor every step."""
-        if self._denominator is None:
-            self._denominator = torch.empty_like(self.exp_avg_sq)
-        return self._denominator
 
     @classmethod
     def of(cls, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, block: int) -> _FlatStack:
