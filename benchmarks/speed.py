@@ -16,7 +16,8 @@ Prints, in one run:
    best of several repeats: on a shared machine wall time measures the neighbours.
 2. The batched-vs-sequential crossover of local training alone, K = 1 .. 64 (``engine.batched.MIN_COHORT``).
 3. Cold and warm start of ``fedtui run presets/quickstart.toml`` (fresh feature cache, then warm) against
-   ``python -c "import torch"``, wall seconds (best of a few), and the warm run's peak memory (ru_maxrss).
+   ``python -c "import torch"``, wall seconds (medians of runs alternated with it, and the best), and the warm
+   run's peak memory (ru_maxrss, the highest of the runs).
 
 Targets (issue #12): warm quickstart <= 1.5x ``import torch``; warm peak <= 600 MB; round at K = 64 <= 3x the
 floor and >= 5x faster than the plain loop. The script reports; it asserts nothing.
@@ -274,9 +275,13 @@ def start_up(repeats: int) -> dict:
     fedtui = [sys.executable, "-m", "fedtui", "run", "presets/quickstart.toml"]
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "FEDTUI_CACHE": str(Path(folder) / "cache"), "HF_HUB_OFFLINE": "1"}
-        torch_only = [timed_process([sys.executable, "-c", "import torch"], env) for _ in range(repeats)]
         cold = timed_process(fedtui + ["--out", str(Path(folder) / "cold")], env)
-        warm = [timed_process(fedtui + ["--out", str(Path(folder) / f"warm{i}")], env) for i in range(repeats)]
+        # Alternated, so a slow spell of the machine (its timings drift by 20% from minute to minute) weighs on
+        # both sides of the ratio alike.
+        torch_only, warm = [], []
+        for i in range(repeats):
+            torch_only.append(timed_process([sys.executable, "-c", "import torch"], env))
+            warm.append(timed_process(fedtui + ["--out", str(Path(folder) / f"warm{i}")], env))
     return {"torch": torch_only, "cold": cold, "warm": warm}
 
 
@@ -319,16 +324,21 @@ def main() -> None:
 
     if "startup" not in parts:
         return
-    print("\n3. start-up: fedtui run presets/quickstart.toml; best of a few: wall s, CPU s (user + sys), peak RSS")
-    timings = start_up(max(3, repeats - 1))
-    torch_wall, torch_cpu = min(t[0] for t in timings["torch"]), min(t[1] for t in timings["torch"])
+    runs = 4 if args.quick else 9
+    print(f"\n3. start-up: fedtui run presets/quickstart.toml; medians of {runs} runs alternated with import torch "
+          "(the best in brackets): wall s, CPU s (user + sys), peak RSS")
+    timings = start_up(runs)
+    median = lambda values: float(np.median(values))
+    torch_wall, torch_cpu = median([t[0] for t in timings["torch"]]), median([t[1] for t in timings["torch"]])
+    torch_best = min(t[0] for t in timings["torch"])
     rows = [("python -c 'import torch'", timings["torch"]), ("cold (empty cache)", [timings["cold"]]),
             ("warm", timings["warm"])]
-    for label, runs in rows:
-        wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
-        peak, code, anonymous = min(r[2] for r in runs), max(r[3] for r in runs), min(r[4] for r in runs)
-        print(f"   {label:<26} {wall:6.2f} s wall ({wall / torch_wall:4.2f}x import torch), {cpu:6.2f} s CPU "
-              f"({cpu / torch_cpu:4.2f}x), peak {peak} MB (anonymous {anonymous} MB), exit {code}")
+    for label, runs_ in rows:
+        wall, cpu, best_wall = median([r[0] for r in runs_]), median([r[1] for r in runs_]), min(r[0] for r in runs_)
+        peak, code, anonymous = max(r[2] for r in runs_), max(r[3] for r in runs_), max(r[4] for r in runs_)
+        print(f"   {label:<26} {wall:6.2f} s wall ({wall / torch_wall:4.2f}x import torch; best {best_wall:.2f} s, "
+              f"{best_wall / torch_best:4.2f}x), {cpu:6.2f} s CPU ({cpu / torch_cpu:4.2f}x), "
+              f"peak {peak} MB (anonymous {anonymous} MB), exit {code}")
     print("   peak: ru_maxrss. It counts torch's shared libraries as far as they are mapped in, which depends on how\n"
           "   much of them the page cache holds (import torch alone: 630-880 MB on one machine); anonymous: the\n"
           "   process's own allocations (RssAnon, sampled every 5 ms), which do not.")

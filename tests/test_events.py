@@ -73,6 +73,16 @@ def test_every_event_type_round_trips(name):
     assert ev.event_from_dict(json.loads(ev.event_to_json(event))) == event
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_an_events_line_is_the_json_of_all_its_fields_in_order(name):
+    """The line names the event, then every field in declaration order, nested values as they are: what
+    dataclasses.asdict gives (event_to_dict reads the fields without its deep copy)."""
+    import dataclasses
+
+    event = SAMPLES[name]
+    assert ev.event_to_json(event) == json.dumps({"event": name, **dataclasses.asdict(event)})
+
+
 def test_a_file_of_every_event_type_reads_back_equal_and_without_warnings(tmp_path):
     events = list(SAMPLES.values())
     path = write_events(tmp_path, events)
