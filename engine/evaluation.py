@@ -108,6 +108,7 @@ class Evaluator:
         self.clients, self.holdout = clients, holdout
         self.inputs, self.zero_shot_inputs = inputs, zero_shot_inputs
         self.labels, self.scale, self.checkpoint = labels, scale, checkpoint
+        self._remembered_union: tuple[list, list[np.ndarray], np.ndarray] | None = None
 
     def measure(self, state_for: Callable[[str], State] | None, restore: State | None) -> tuple[Accuracies, dict[str, float]]:
         """``state_for(client)`` gives the state to test a client with; None tests the zero-shot head.
@@ -149,12 +150,23 @@ class Evaluator:
 
     def _accuracies(self, model, inputs, sets: dict) -> dict:
         """Accuracy on each row set (NaN for an empty one) from one pass over the rows of all of them."""
-        wanted = [np.asarray(rows, dtype=np.int64) for rows in sets.values()]
-        union = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, dtype=np.int64)
+        wanted, union = self._union(list(sets.values()))
         predicted = predictions(model, inputs, union, self.scale, checkpoint=self.checkpoint)
         hits = np.zeros(int(union.max()) + 1 if len(union) else 0, dtype=bool)
         hits[union] = predicted == self.labels.numpy()[union]
         return {key: (int(hits[rows].sum()) / len(rows) if len(rows) else float("nan")) for key, rows in zip(sets, wanted)}
+
+    def _union(self, row_sets: list) -> tuple[list[np.ndarray], np.ndarray]:
+        """The sets as int64 arrays and the sorted union of their rows; remembered for the very same sets, which
+        every round asks about again."""
+        remembered = self._remembered_union
+        if remembered is not None and len(remembered[0]) == len(row_sets) and all(
+                a is b for a, b in zip(remembered[0], row_sets)):
+            return remembered[1], remembered[2]
+        wanted = [np.asarray(rows, dtype=np.int64) for rows in row_sets]
+        union = np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, dtype=np.int64)
+        self._remembered_union = (list(row_sets), wanted, union)
+        return wanted, union
 
     def wise_curve(self, theta_0: State, theta_1: State, alphas: list[float]) -> list[dict]:
         """WiSE-FT (Wortsman et al.): every client and held-out domain at theta_0 + a (theta_1 - theta_0)."""

@@ -80,6 +80,11 @@ def norm(state: State) -> float:
     return float(torch.sqrt(sum((v.double() ** 2).sum() for v in state.values()))) if state else 0.0
 
 
+def _consecutive(rows: np.ndarray) -> bool:
+    """rows is a, a + 1, ..., b (checked from its ends first: a shuffled training batch fails at once)."""
+    return len(rows) > 1 and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((np.diff(rows) == 1).all())
+
+
 class Federation:
     def __init__(self, preset: Preset, data: PreparedRun, adapter, strategy, epochs: int, device: torch.device,
                  emit: Callable[[ev.Event], None], control: RunControl, save: Callable[[str, State], None]):
@@ -135,6 +140,8 @@ class Federation:
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         if self.data.pixels is not None:
             return self.data.pixels.index_select(0, index).to(self.device)
+        if _consecutive(rows):  # an evaluation batch of the union of every split: a view, not a copy
+            return self.data.features[int(rows[0]) : int(rows[-1]) + 1]
         return self.data.features.index_select(0, index.to(self.data.features.device))
 
     def client_state(self, name: str) -> State:
