@@ -37,6 +37,11 @@ def normalize_with_backward(adapted: torch.Tensor, eps: float = 1e-12):
         through_division = grad / denominator  # div: grad / other
         # div's -grad * ((self / other) / other); self / other is the image itself, the same division
         to_denominator = (-grad * (image / denominator)).sum([-1], keepdim=True)  # then sum_to
+        if bool((norm >= eps).all()):
+            # The usual case, where clamp_min passes every gradient and the norm's own gradient,
+            # grad * (adapted / norm) with no norm 0 to mask, divides by exactly the denominator: that quotient
+            # is the image, already computed (the same bits, two passes over [G, B, d] fewer).
+            return through_division + to_denominator * image
         to_norm = torch.where(norm >= eps, to_denominator, torch.zeros((), dtype=grad.dtype))  # clamp_min
         through_norm = to_norm * (adapted / norm).masked_fill_(norm == 0, 0)  # the 2-norm's gradient
         return through_division + through_norm

@@ -44,10 +44,10 @@ def hand_step(adapter, params, features, labels, loss):
 @given(
     clients=st.integers(1, 8), rows=st.integers(2, 40), width=st.sampled_from([8, 48, 128]),
     classes=st.integers(2, 12), loss=st.sampled_from(["ce", "contrastive"]), transposed=st.booleans(),
-    magnitude=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**31 - 1),
+    magnitude=st.sampled_from([1e-3, 1.0, 30.0]), zero_row=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
 def test_the_hand_written_step_is_autograds_bit_for_bit(kind, clients, rows, width, classes, loss, transposed,
-                                                         magnitude, seed):
+                                                         magnitude, zero_row, seed):
     generator = torch.Generator().manual_seed(seed)
     names = [str(i) for i in range(classes)]
     context = AdapterContext(width, names, names, torch.randn(classes, width, generator=generator), 100.0)
@@ -59,6 +59,8 @@ def test_the_hand_written_step_is_autograds_bit_for_bit(kind, clients, rows, wid
         params = {n: in_layout(t, [0, 2, 1]) if t.dim() == 3 else t for n, t in params.items()}
     features = magnitude * torch.randn(clients, rows, width, generator=generator)
     labels = torch.randint(0, classes, (clients, rows), generator=generator)
+    if zero_row:  # an all-zero feature: its adapted vector has norm 0, where F.normalize's clamp and mask act
+        features[-1, 0] = 0.0
 
     expected_loss, expected = autograd_step(adapter, params, features, labels, loss)
     loss_value, grads = hand_step(adapter, params, features, labels, loss)
