@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.adapters.base import Adapter, ClassScores, register_adapter, stacked_linear
+from engine.stacked_backward import Backward, normalize_with_backward, stacked_linear_backward
 
 
 def relu_passing_zero(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,25 @@ class ResidualBottleneck(nn.Module):
         residual = relu_passing_zero(stacked_linear(hidden, params[f"{prefix}.up.weight"]))
         return self.ratio * residual + (1.0 - self.ratio) * features
 
+    def stacked_with_backward(self, params: dict[str, torch.Tensor], prefix: str, features: torch.Tensor):
+        """``stacked`` and the function taking its output's gradient to the two weights' (autograd's kernels in
+        autograd's order: engine.stacked_backward)."""
+        down, up = params[f"{prefix}.down.weight"], params[f"{prefix}.up.weight"]
+        hidden = torch.relu(stacked_linear(features, down))
+        before = stacked_linear(hidden, up)
+        passing = before >= 0
+        residual = torch.where(passing, before, torch.zeros((), dtype=before.dtype, device=before.device))
+        adapted = self.ratio * residual + (1.0 - self.ratio) * features
+
+        def backward(grad: torch.Tensor) -> dict[str, torch.Tensor]:
+            grad_before = torch.where(passing, grad * self.ratio, 0)  # the sum's, the product's, where's
+            grad_hidden, grad_up, _ = stacked_linear_backward(hidden, up, grad_before, bias=False, input_grad=True)
+            grad_down_out = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # relu's
+            _, grad_down, _ = stacked_linear_backward(features, down, grad_down_out, bias=False, input_grad=False)
+            return {f"{prefix}.down.weight": grad_down, f"{prefix}.up.weight": grad_up}
+
+        return adapted, backward
+
 
 def bottleneck_from_options(dim: int, options) -> ResidualBottleneck:
     return ResidualBottleneck(dim, int(options.reduction), float(options.ratio))
@@ -80,3 +100,10 @@ class ClipAdapter(Adapter):
     def stacked_forward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> ClassScores:
         adapted = self.image_adapter.stacked(params, "image_adapter", features.to(self.text.dtype))
         return ClassScores(image=F.normalize(adapted, dim=-1), classes=self.text.expand(len(features), *self.text.shape))
+
+    def stacked_backward(self, params: dict[str, torch.Tensor], features: torch.Tensor) -> tuple[ClassScores, Backward]:
+        adapted, adapter_backward = self.image_adapter.stacked_with_backward(params, "image_adapter",
+                                                                             features.to(self.text.dtype))
+        image, normalize_backward = normalize_with_backward(adapted)
+        classes = self.text.expand(len(features), *self.text.shape)
+        return ClassScores(image=image, classes=classes), lambda grad: adapter_backward(normalize_backward(grad))
