@@ -326,7 +326,7 @@ def main() -> None:
         return
     runs = 4 if args.quick else 9
     print(f"\n3. start-up: fedtui run presets/quickstart.toml; medians of {runs} runs alternated with import torch "
-          "(the best in brackets): wall s, CPU s (user + sys), peak RSS")
+          "(and the best): wall s, CPU s (user + sys), peak RSS")
     timings = start_up(runs)
     median = lambda values: float(np.median(values))
     torch_wall, torch_cpu = median([t[0] for t in timings["torch"]]), median([t[1] for t in timings["torch"]])
