@@ -77,7 +77,8 @@ class Adapter(nn.Module):
     def stacked_backward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor):
         """``stacked_forward`` run without autograd's graph, and the function taking the gradient of the loss
         with respect to the image features ``[G, B, d]`` to the gradients of ``params``. Optional: where a kind
-        has one, a batched step skips autograd (engine.stacked_backward); it must give autograd's bits
+        has one, a batched step skips autograd (engine.stacked_backward), so only a kind whose class table is its
+        frozen text buffer, shared by every client, with no bias may define one; it must give autograd's bits
         (tests/test_stacked_backward.py)."""
         raise NotImplementedError
 
