@@ -56,6 +56,30 @@ def test_start_runs_to_completion(tmp_path):
     run(body())
 
 
+def test_a_drain_tick_while_the_dashboard_is_taken_down_is_harmless(tmp_path):
+    """As the app exits, Textual removes the dashboard's widgets while it is still the screen; a drain tick (a
+    timer, the worker's last state change) landing then once crashed the app with NoMatches (a CI snapshot run)."""
+    engine = FakeEngine()
+
+    async def body():
+        app = make_app(tmp_path, engine)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await select_preset(pilot, "smoke")
+            await pilot.press("s")
+            await wait_for(pilot, lambda: app.state.status == "completed")
+            await pilot.pause(0.15)
+            assert app.screen is app.dashboard
+            await app.dashboard.query("*").remove()
+            app.state.dirty = True
+            app._refresh_dashboard()  # what drain_events does with events or a live run
+            with app.batch_update():
+                app.dashboard.refresh_view(force=True)
+            await pilot.pause(0.1)
+            assert app.is_running
+
+    run(body())
+
+
 def test_pause_resume_then_stop(tmp_path):
     hold = threading.Event()
     # Slow enough (1 s a client) that the stop lands mid-run even on a loaded machine.

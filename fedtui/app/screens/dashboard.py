@@ -102,9 +102,15 @@ class DashboardScreen(Screen):
         self.refresh_view(force=True)
 
     def refresh_view(self, force: bool = False, now: float | None = None) -> None:
-        """Pull what changed from the state into the widgets (call inside ``app.batch_update()``)."""
+        """Pull what changed from the state into the widgets (call inside ``app.batch_update()``).
+
+        Nothing while the screen has no widgets: a drain tick can land while it is still being composed (on_mount
+        then draws everything) or already being taken down as the app exits (nothing left to draw)."""
         state = self.state
-        self.query_one(RunHeader).show(state, self.elapsed(), self.run_title)
+        headers = self.query(RunHeader)
+        if not headers:
+            return
+        headers.first().show(state, self.elapsed(), self.run_title)
         if force or state.dirty or state.dirty_clients:
             self.query_one(ClientTable).sync(state, full=force)
             bar = self.query_one(ProgressBar)
