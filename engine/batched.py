@@ -41,6 +41,7 @@ prompt learning run a CLIP encoder in the loop and stay sequential.
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -412,13 +413,13 @@ def _hand_written_gradients(adapter: Adapter, loss: str, penalty):
     return adapter.stacked_backward
 
 
-def _stop_unless_finite(totals: torch.Tensor, members: list[int], jobs: list[Job], step: int, lengths: list[int]) -> None:
-    """ClientNonFinite for the first member whose loss at this step is inf or NaN."""
-    finite = torch.isfinite(totals)
-    if not bool(finite.all()):
-        position = int((~finite).nonzero()[0, 0])
-        bad = members[position]
-        raise ClientNonFinite(jobs[bad].name, f"loss {float(totals[position])} at step {step + 1} of {lengths[bad]}")
+def _stop_unless_finite(totals: list[float], members: list[int], jobs: list[Job], step: int, lengths: list[int]) -> None:
+    """ClientNonFinite for the first member whose loss at this step is inf or NaN (``totals``: the group's losses
+    as Python floats, which the step reads anyway; torch.isfinite would add four operations a step)."""
+    for position, value in enumerate(totals):
+        if not math.isfinite(value):
+            bad = members[position]
+            raise ClientNonFinite(jobs[bad].name, f"loss {value} at step {step + 1} of {lengths[bad]}")
 
 
 def _stack_starts(starts: list[torch.Tensor]) -> torch.Tensor:
@@ -515,20 +516,22 @@ def train_cohort(
                 with torch.no_grad():
                     scores, backward = by_hand(group, x)
                     plain, grad_image = shared_classes_loss(scores.image, scores.classes, y, train.loss, scale)
-                    _stop_unless_finite(plain, members, jobs, s, lengths)
+                    values = plain.tolist()  # the losses are the totals here: checked as Python floats
+                    _stop_unless_finite(values, members, jobs, s, lengths)
                     found = backward(grad_image)
                 grads = [found[n] for n in names]
             else:
                 leaves = {n: t.detach().requires_grad_() for n, t in group.items()}
                 totals, plain = batched_loss(leaves, x, y)
-                _stop_unless_finite(totals.detach(), members, jobs, s, lengths)
+                _stop_unless_finite(totals.detach().tolist(), members, jobs, s, lengths)
                 grads = torch.autograd.grad(totals.sum(), [leaves[n] for n in names])
+                values = plain.detach().tolist()
                 del leaves, totals
             del group
             if s == 0 and whole:
                 layouts.update(optimizer.adopt_layout(dict(zip(names, grads))))
             optimizer.step(members, dict(zip(names, grads)))
-            for k, value in zip(members, plain.detach().tolist()):
+            for k, value in zip(members, values):
                 losses[k].append(value)
                 on_step(jobs[k].name, len(losses[k]), lengths[k], value)
     adapter.train(was_training)
