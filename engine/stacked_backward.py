@@ -79,7 +79,7 @@ def shared_classes_loss(image: torch.Tensor, classes: torch.Tensor, labels: torc
     scaled = scale * image
     if loss == "contrastive":
         picked = classes[0][labels]
-        logits = scaled @ picked.transpose(1, 2)
+        logits = scaled.bmm(picked.transpose(1, 2))  # what `@` runs for two 3-d operands, without its reshapes
         target = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
         by_row = torch.log_softmax(logits, dim=-1)
         by_column = torch.log_softmax(logits.transpose(1, 2), dim=-1)
@@ -88,7 +88,7 @@ def shared_classes_loss(image: torch.Tensor, classes: torch.Tensor, labels: torc
         grad_logits = _mean_nll_gradient(by_row, target, half) + _mean_nll_gradient(by_column, target, half).transpose(1, 2)
         grad_scaled = grad_logits.bmm(picked)
     elif loss == "ce":
-        logits = scaled @ classes.transpose(1, 2)
+        logits = scaled.bmm(classes.transpose(1, 2))
         log_probs = torch.log_softmax(logits, dim=-1)
         value = _nll(log_probs, labels)
         grad_scaled = _mean_nll_gradient(log_probs, labels, ones).bmm(classes)
