@@ -31,16 +31,21 @@ async def select_preset(pilot, name: str) -> None:
                    and screen.current_preset()[0].run.name == name.replace("smoke", "smoke"))
 
 
+async def start_smoke_and_finish(pilot) -> None:
+    """Pick the smoke preset, start it, wait until the fake engine's run has completed."""
+    await select_preset(pilot, "smoke")
+    await pilot.press("s")
+    await wait_for(pilot, lambda: pilot.app.state.status == "completed")
+    await pilot.pause(0.15)
+
+
 def test_start_runs_to_completion(tmp_path):
     engine = FakeEngine()
 
     async def body():
         app = make_app(tmp_path, engine)
         async with app.run_test(size=(80, 24)) as pilot:
-            await select_preset(pilot, "smoke")
-            await pilot.press("s")
-            await wait_for(pilot, lambda: app.state.status == "completed")
-            await pilot.pause(0.15)
+            await start_smoke_and_finish(pilot)
             assert isinstance(app.screen, DashboardScreen)
             assert engine.calls == 1
             table = app.dashboard.query_one(ClientTable)
@@ -64,10 +69,7 @@ def test_a_drain_tick_while_the_dashboard_is_taken_down_is_harmless(tmp_path):
     async def body():
         app = make_app(tmp_path, engine)
         async with app.run_test(size=(80, 24)) as pilot:
-            await select_preset(pilot, "smoke")
-            await pilot.press("s")
-            await wait_for(pilot, lambda: app.state.status == "completed")
-            await pilot.pause(0.15)
+            await start_smoke_and_finish(pilot)
             assert app.screen is app.dashboard
             await app.dashboard.query("*").remove()
             app.state.dirty = True
