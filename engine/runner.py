@@ -29,7 +29,7 @@ from engine.control import RunControl, RunStopped
 from engine.federation import Federation, RunDiverged, sample_cohort, seeded_generator
 from engine.prepare import prepare
 from engine.presets import Preset, to_toml
-from engine.run_state import ResumeError, RoundStateWriter, load_round_state, serialize_tensors, write_round_state
+from engine.run_state import ResumeError, RoundStateWriter, load_round_state, round_state_files, write_round_state
 from engine.runstore import RunStore, new_run_dir
 from engine.strategies import build_strategy
 from engine.summary import RunSummary
@@ -308,9 +308,13 @@ class RunSession:
         """After each round: what the next one depends on (``state/``), and a heartbeat that says the run lives."""
         tensors, info = federation.state()
         info["elapsed_seconds"] = round(self.elapsed(), 3)
-        blob, metrics_bytes = serialize_tensors(tensors), self.store.metrics_length()
-        self.state_writer.submit(lambda: write_round_state(self.store.dir, round_, blob, info, metrics_bytes,
-                                                           before=self.store.sync_metrics))
+        files = round_state_files(round_, tensors, info, self.store.metrics_length())
+
+        def write() -> None:
+            self.store.sync_metrics()  # metrics.jsonl on the disk as far as state.json says it reaches
+            write_round_state(self.store.dir, files)
+
+        self.state_writer.submit(write)
         self.store.write_json("heartbeat.json", {"time": time.time(), "round": round_})
 
 
