@@ -333,9 +333,9 @@ def main() -> None:
     torch_best = min(t[0] for t in timings["torch"])
     rows = [("python -c 'import torch'", timings["torch"]), ("cold (empty cache)", [timings["cold"]]),
             ("warm", timings["warm"])]
-    for label, runs_ in rows:
-        wall, cpu, best_wall = median([r[0] for r in runs_]), median([r[1] for r in runs_]), min(r[0] for r in runs_)
-        peak, code, anonymous = max(r[2] for r in runs_), max(r[3] for r in runs_), max(r[4] for r in runs_)
+    for label, samples in rows:
+        wall, cpu, best_wall = median([r[0] for r in samples]), median([r[1] for r in samples]), min(r[0] for r in samples)
+        peak, code, anonymous = max(r[2] for r in samples), max(r[3] for r in samples), max(r[4] for r in samples)
         print(f"   {label:<26} {wall:6.2f} s wall ({wall / torch_wall:4.2f}x import torch; best {best_wall:.2f} s, "
               f"{best_wall / torch_best:4.2f}x), {cpu:6.2f} s CPU ({cpu / torch_cpu:4.2f}x), "
               f"peak {peak} MB (anonymous {anonymous} MB), exit {code}")

@@ -487,8 +487,8 @@ def train_cohort(
     for k, job in enumerate(jobs):
         optimizer.load(k, names, job.optimizer_state.get("state", {}) if job.optimizer_state else {})
 
-    batched_loss = _batched_loss_function(adapter, train.loss, scale, penalty)
     by_hand = _hand_written_gradients(adapter, train.loss, penalty)
+    batched_loss = _batched_loss_function(adapter, train.loss, scale, penalty) if by_hand is None else None
     losses: list[list[float]] = [[] for _ in jobs]
     was_training = adapter.training
     adapter.train()
@@ -542,9 +542,9 @@ def train_cohort(
     with torch.no_grad():
         finite = _finite_rows(params, len(jobs))
         # Each stack once in plain row-major order; a client's state is then its row, a contiguous view.
-        plain = {n: params[n].contiguous() for n in names}
+        row_major = {n: params[n].contiguous() for n in names}
     for k, job in enumerate(jobs):
-        state = {n: plain[n][k] for n in names}
+        state = {n: row_major[n][k] for n in names}
         optimizer_state = {"state": optimizer.saved(k, names), "param_groups": param_groups} if keep_optimizer else None
         results.append(JobResult(state, losses[k], seconds * lengths[k] / total_steps, optimizer_state, finite[k]))
     return results

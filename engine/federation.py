@@ -136,12 +136,12 @@ class Federation:
         return serialized_nbytes(shared) if shared else 0
 
     def inputs(self, rows: np.ndarray) -> torch.Tensor:
+        if self.data.pixels is None and _consecutive(rows):  # an evaluation batch of every split: a view, not a copy
+            return self.data.features[int(rows[0]) : int(rows[-1]) + 1]
         # index_select with a tensor: indexing with a NumPy array goes through a slower generic path.
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         if self.data.pixels is not None:
             return self.data.pixels.index_select(0, index).to(self.device)
-        if _consecutive(rows):  # an evaluation batch of the union of every split: a view, not a copy
-            return self.data.features[int(rows[0]) : int(rows[-1]) + 1]
         return self.data.features.index_select(0, index.to(self.data.features.device))
 
     def client_state(self, name: str) -> State:
