@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
 
 from engine.adapters import AdapterContext, build_adapter
 from engine.adapters.base import ADAPTERS
+from engine.adapters.clip_adapter import below_zero, nan_as_negative, relu_passing_zero
 from engine.options.adapters import ADAPTER_KINDS, LoRAOptions, PromptOptions
 from engine.presets import AdapterSection, preset_from_dict
 from tiny_clip import TEMPLATE_TOKENS, tiny_context, tiny_dataset_with_features, zero_shot_logits
@@ -217,6 +219,29 @@ def test_residual_adapter_gets_gradient_from_zero_start(context, data):
     adapter = build_adapter("clip_adapter", context, None).train()
     ce_loss(adapter(data[1]), data[2], context.logit_scale).backward()
     assert adapter.image_adapter.up.weight.grad.abs().sum() > 0
+
+
+_SPECIALS = [float("nan"), -0.0, 0.0, math.inf, -math.inf, 2.0**-149, -(2.0**-149), 2.0**-126, -(2.0**-126), 1.0, -1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from(_SPECIALS)),
+                       min_size=1, max_size=80),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+def test_relu_passing_zero_without_gradient_gives_where_bits(values, dtype):
+    """Without autograd relu_passing_zero takes F.threshold (10x faster than where on the CPU); its values must be
+    where's bit for bit (NaN -> 0, -0.0 kept, subnormals), and so must the hand-written step's gradient mask."""
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)
+    expected = torch.where(x >= 0, x, torch.zeros((), dtype=dtype))
+    with torch.no_grad():
+        got = relu_passing_zero(x)
+    assert torch.equal(got.view(_BITS[dtype]), expected.view(_BITS[dtype]))
+    grad = torch.randn(x.shape).to(dtype)
+    through = torch.ops.aten.threshold_backward(grad, nan_as_negative(x), below_zero(dtype))
+    assert torch.equal(through.view(_BITS[dtype]), torch.where(x >= 0, grad, 0).view(_BITS[dtype]))
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 def test_adapter_preset_keys_validate():

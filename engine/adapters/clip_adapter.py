@@ -6,6 +6,8 @@ in ``text_adapter.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +22,27 @@ def relu_passing_zero(x: torch.Tensor) -> torch.Tensor:
     Why: the bottleneck starts with W2 = 0, so the outer ReLU's input is exactly 0 for every sample. With
     ``torch.relu`` (gradient 0 at 0) neither W2 nor W1 would ever receive a gradient and the adapter would
     stay at zero-shot forever. Both 0 and 1 are valid subgradients of ReLU at 0.
+
+    Its value is ``torch.where(x >= 0, x, 0)`` (NaN -> 0, -0.0 kept). Where no gradient is asked for it comes
+    from ``F.threshold`` at the float just below zero, the same values: on the CPU ``where`` with its boolean
+    mask takes ~10x as long (0.57 ms against 0.06 ms for 1024 x 128 floats), most of CLIP-Adapter's evaluation.
     """
-    return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.threshold(nan_as_negative(x), below_zero(x.dtype), 0.0)
+
+
+def below_zero(dtype: torch.dtype) -> float:
+    """The largest float of ``dtype`` below zero (minus the smallest subnormal): ``x > below_zero`` exactly when
+    ``x >= 0``, -0.0 included (with denormals flushed to zero -0.0 would fall on the other side: a sign of zero,
+    no value, changes)."""
+    info = torch.finfo(dtype)
+    return -info.smallest_normal * info.eps
+
+
+def nan_as_negative(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN as -1, the rest unchanged: ``x >= 0`` is false for NaN, and ``F.threshold`` would pass it."""
+    return torch.nan_to_num(x, nan=-1.0, posinf=math.inf, neginf=-math.inf)
 
 
 class ResidualBottleneck(nn.Module):
@@ -60,12 +81,14 @@ class ResidualBottleneck(nn.Module):
         down, up = params[f"{prefix}.down.weight"], params[f"{prefix}.up.weight"]
         hidden = torch.relu(stacked_linear(features, down))
         before = stacked_linear(hidden, up)
-        passing = before >= 0
-        residual = torch.where(passing, before, torch.zeros((), dtype=before.dtype, device=before.device))
+        edge = below_zero(before.dtype)
+        passing = nan_as_negative(before)  # > edge exactly where before >= 0
+        residual = F.threshold(passing, edge, 0.0)  # relu_passing_zero's values
         adapted = self.ratio * residual + (1.0 - self.ratio) * features
 
         def backward(grad: torch.Tensor) -> dict[str, torch.Tensor]:
-            grad_before = torch.where(passing, grad * self.ratio, 0)  # the sum's, the product's, where's
+            # the sum's, the product's, then where's: the gradient where before >= 0, else 0
+            grad_before = torch.ops.aten.threshold_backward(grad * self.ratio, passing, edge)
             grad_hidden, grad_up, _ = stacked_linear_backward(hidden, up, grad_before, bias=False, input_grad=True)
             grad_down_out = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # relu's
             _, grad_down, _ = stacked_linear_backward(features, down, grad_down_out, bias=False, input_grad=False)
