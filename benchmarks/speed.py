@@ -197,6 +197,39 @@ def matmul_rate(k: int) -> float:
     return 10 * 2 * (2 * k * BATCH * D * D) / seconds
 
 
+def round_parts(k: int, kind: str, rounds: int, repeats: int) -> dict[str, float]:
+    """CPU seconds per round of the engine round's parts: ``play_round`` (local training, upload, aggregation),
+    ``evaluate``, and the Adam steps of the round's local training alone (``StackedAdam`` on the stacked
+    parameters with stand-in gradients: torch's single-tensor Adam arithmetic, which the engine keeps bit for bit),
+    each the best of ``repeats``."""
+    from engine.batched import StackedAdam
+
+    fed = federation(k, "auto", kind)
+    spent = {"train": [], "evaluate": []}
+    for repeat in range(repeats + 1):  # the first is a warm-up
+        train = evaluate = 0.0
+        for r in range(rounds):
+            started = time.process_time()
+            outcome = fed.play_round(repeat * rounds + r + 1)
+            middle = time.process_time()
+            fed.evaluate(repeat * rounds + r + 1, outcome)
+            train, evaluate = train + middle - started, evaluate + time.process_time() - middle
+        if repeat:
+            spent["train"].append(train / rounds)
+            spent["evaluate"].append(evaluate / rounds)
+    steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
+    generator = torch.Generator().manual_seed(1)
+    trained = {n: p for n, p in fed.adapter.named_parameters() if p.requires_grad}
+    grads = [{n: 1e-3 * torch.randn(k, *p.shape, generator=generator) for n, p in trained.items()} for _ in range(steps)]
+
+    def adam():
+        optimizer = StackedAdam({n: p.detach().expand(k, *p.shape).clone() for n, p in trained.items()}, fed.preset.train)
+        for grad in grads:
+            optimizer.step(list(range(k)), grad)
+
+    return {"train": min(spent["train"]), "evaluate": min(spent["evaluate"]), "adam": best(adam, repeats)}
+
+
 # --- 2. crossover ----------------------------------------------------------------------------------------------
 
 
@@ -315,6 +348,16 @@ def main() -> None:
                   f"{engine_s / floor_s:>12.1f}x {plain_s / engine_s:>12.1f}x")
         print(f"   floor: {flops_step / 1e6:.2f} MFLOP a client step (matmuls, forward and backward) "
               f"at {rate / 1e9:.0f} GFLOP/s (batched d x d products measured here)")
+        k = 64
+        split = round_parts(k, kind, args.rounds, repeats)
+        train_floor, eval_floor = flops_step * steps * k / rate, eval_flops(k, kind) / rate
+        print(f"   K={k}, where the round goes: local training, upload and aggregation {split['train'] * 1e3:.1f} ms "
+              f"({split['train'] / train_floor:.1f}x its matmul floor of {train_floor * 1e3:.1f} ms), evaluation "
+              f"{split['evaluate'] * 1e3:.1f} ms ({split['evaluate'] / eval_floor:.1f}x its floor of "
+              f"{eval_floor * 1e3:.1f} ms).\n   The round's Adam steps alone (torch's single-tensor arithmetic, which "
+              f"the engine keeps bit for bit) take {split['adam'] * 1e3:.1f} ms:\n   with the matmuls at the floor "
+              f"that is already {(split['adam'] + train_floor + eval_floor) / (train_floor + eval_floor):.1f}x the "
+              "floor before any activation, normalisation, loss or evaluation step")
 
     if "crossover" in parts:
         print("\n2. local training alone, sequential vs batched (engine.batched), CPU ms for one epoch of every client")
