@@ -104,15 +104,23 @@ def federation(k: int, mode: str, kind: str = "attai"):
     return fed
 
 
-def engine_rounds(k: int, rounds: int, kind: str, mode: str = "auto"):
+def engine_rounds(k: int, rounds: int, kind: str, mode: str = "auto", parts: list | None = None):
+    """The engine's own rounds; each call appends to ``parts``, if given, its CPU seconds per round of
+    ``play_round`` (local training, upload, aggregation) and of ``evaluate``."""
     fed = federation(k, mode, kind)
     state = {"round": 0}
 
     def play():
+        train = evaluate = 0.0
         for _ in range(rounds):
             state["round"] += 1
+            started = time.process_time()
             outcome = fed.play_round(state["round"])
+            middle = time.process_time()
             fed.evaluate(state["round"], outcome)
+            train, evaluate = train + middle - started, evaluate + time.process_time() - middle
+        if parts is not None:
+            parts.append((train / rounds, evaluate / rounds))
 
     return play
 
@@ -197,26 +205,13 @@ def matmul_rate(k: int) -> float:
     return 10 * 2 * (2 * k * BATCH * D * D) / seconds
 
 
-def round_parts(k: int, kind: str, rounds: int, repeats: int) -> dict[str, float]:
-    """CPU seconds per round of the engine round's parts: ``play_round`` (local training, upload, aggregation),
-    ``evaluate``, and the Adam steps of the round's local training alone (``StackedAdam`` on the stacked
-    parameters with stand-in gradients: torch's single-tensor Adam arithmetic, which the engine keeps bit for bit),
-    each the best of ``repeats``."""
+def adam_alone(k: int, kind: str, repeats: int) -> float:
+    """CPU seconds of a round's Adam steps alone at K = k: ``StackedAdam`` on the stacked parameters with
+    stand-in gradients (torch's single-tensor Adam arithmetic, which the engine keeps bit for bit), the best of
+    ``repeats``."""
     from engine.batched import StackedAdam
 
     fed = federation(k, "auto", kind)
-    spent = {"train": [], "evaluate": []}
-    for repeat in range(repeats + 1):  # the first is a warm-up
-        train = evaluate = 0.0
-        for r in range(rounds):
-            started = time.process_time()
-            outcome = fed.play_round(repeat * rounds + r + 1)
-            middle = time.process_time()
-            fed.evaluate(repeat * rounds + r + 1, outcome)
-            train, evaluate = train + middle - started, evaluate + time.process_time() - middle
-        if repeat:
-            spent["train"].append(train / rounds)
-            spent["evaluate"].append(evaluate / rounds)
     steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
     generator = torch.Generator().manual_seed(1)
     trained = {n: p for n, p in fed.adapter.named_parameters() if p.requires_grad}
@@ -227,7 +222,7 @@ def round_parts(k: int, kind: str, rounds: int, repeats: int) -> dict[str, float
         for grad in grads:
             optimizer.step(list(range(k)), grad)
 
-    return {"train": min(spent["train"]), "evaluate": min(spent["evaluate"]), "adam": best(adam, repeats)}
+    return best(adam, repeats)
 
 
 # --- 2. crossover ----------------------------------------------------------------------------------------------
@@ -340,8 +335,9 @@ def main() -> None:
         flops_step = step_flops(kind)
         steps = ROWS // BATCH + (1 if ROWS % BATCH > 1 else 0)
         print(f"   {'K':>3} {'engine':>9} {'plain loop':>11} {'floor':>8} {'engine/floor':>13} {'plain/engine':>13}")
+        split: dict[int, list[tuple[float, float]]] = {}  # per K, each repeat's (training, evaluation) a round
         for k in (4, 16, 64):
-            engine_s = best(engine_rounds(k, args.rounds, kind), repeats) / args.rounds
+            engine_s = best(engine_rounds(k, args.rounds, kind, parts=split.setdefault(k, [])), repeats) / args.rounds
             plain_s = best(plain_rounds(k, args.rounds, kind), max(1, repeats // 2)) / args.rounds
             floor_s = (flops_step * steps * k + eval_flops(k, kind)) / rate
             print(f"   {k:>3} {engine_s * 1e3:>7.1f}ms {plain_s * 1e3:>9.1f}ms {floor_s * 1e3:>6.1f}ms "
@@ -349,14 +345,15 @@ def main() -> None:
         print(f"   floor: {flops_step / 1e6:.2f} MFLOP a client step (matmuls, forward and backward) "
               f"at {rate / 1e9:.0f} GFLOP/s (batched d x d products measured here)")
         k = 64
-        split = round_parts(k, kind, args.rounds, repeats)
+        train_s, evaluate_s = min(split[k][1:], key=sum)  # the repeat best() took (the first call warms up)
+        adam_s = adam_alone(k, kind, repeats)
         train_floor, eval_floor = flops_step * steps * k / rate, eval_flops(k, kind) / rate
-        print(f"   K={k}, where the round goes: local training, upload and aggregation {split['train'] * 1e3:.1f} ms "
-              f"({split['train'] / train_floor:.1f}x its matmul floor of {train_floor * 1e3:.1f} ms), evaluation "
-              f"{split['evaluate'] * 1e3:.1f} ms ({split['evaluate'] / eval_floor:.1f}x its floor of "
+        print(f"   K={k}, where the round goes: local training, upload and aggregation {train_s * 1e3:.1f} ms "
+              f"({train_s / train_floor:.1f}x its matmul floor of {train_floor * 1e3:.1f} ms), evaluation "
+              f"{evaluate_s * 1e3:.1f} ms ({evaluate_s / eval_floor:.1f}x its floor of "
               f"{eval_floor * 1e3:.1f} ms).\n   The round's Adam steps alone (torch's single-tensor arithmetic, which "
-              f"the engine keeps bit for bit) take {split['adam'] * 1e3:.1f} ms:\n   with the matmuls at the floor "
-              f"that is already {(split['adam'] + train_floor + eval_floor) / (train_floor + eval_floor):.1f}x the "
+              f"the engine keeps bit for bit) take {adam_s * 1e3:.1f} ms:\n   with the matmuls at the floor "
+              f"that is already {(adam_s + train_floor + eval_floor) / (train_floor + eval_floor):.1f}x the "
               "floor before any activation, normalisation, loss or evaluation step")
 
     if "crossover" in parts:
