@@ -29,7 +29,15 @@ def relu_passing_zero(x: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.where(x >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    return F.threshold(nan_as_negative(x), below_zero(x.dtype), 0.0)
+    return _passing_zero(x)[0]
+
+
+def _passing_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(relu_passing_zero's values, a tensor that is > ``edge`` exactly where ``x >= 0``, ``edge``): the second
+    and third are what ``threshold_backward`` needs for where's gradient mask."""
+    edge = below_zero(x.dtype)
+    passing = nan_as_negative(x)
+    return F.threshold(passing, edge, 0.0), passing, edge
 
 
 def below_zero(dtype: torch.dtype) -> float:
@@ -81,9 +89,7 @@ class ResidualBottleneck(nn.Module):
         down, up = params[f"{prefix}.down.weight"], params[f"{prefix}.up.weight"]
         hidden = torch.relu(stacked_linear(features, down))
         before = stacked_linear(hidden, up)
-        edge = below_zero(before.dtype)
-        passing = nan_as_negative(before)  # > edge exactly where before >= 0
-        residual = F.threshold(passing, edge, 0.0)  # relu_passing_zero's values
+        residual, passing, edge = _passing_zero(before)
         adapted = self.ratio * residual + (1.0 - self.ratio) * features
 
         def backward(grad: torch.Tensor) -> dict[str, torch.Tensor]:
